@@ -1,0 +1,9 @@
+"""roofline: serve open LLMs close to the hardware's roofline, and explain why."""
+
+from roofline.errors import RooflineError
+from roofline.llm import LLM
+from roofline.outputs import CompletionOutput, Logprob, RequestOutput
+from roofline.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RooflineError"]

@@ -1,0 +1,1 @@
+"""The engine: requests, scheduling, paged KV cache, model execution and sampling."""

@@ -1,0 +1,266 @@
+"""LLMEngine: add_request / step / abort over the scheduler, KV cache manager and model runner."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from roofline.config import EngineConfig
+from roofline.engine.kv_cache import KVCacheManager
+from roofline.engine.model_runner import ModelRunner, configure_threads
+from roofline.engine.request import Request, RequestStatus
+from roofline.engine.sampler import SampledToken
+from roofline.engine.scheduler import Scheduler, SchedulerOutput
+from roofline.errors import ContextOverflowError, InvalidRequestError
+from roofline.loaders import open_model
+from roofline.loaders.tokenizer import IncrementalDetokenizer
+from roofline.outputs import CompletionOutput, Logprob, RequestOutput
+from roofline.sampling_params import SamplingParams
+
+logger = logging.getLogger("roofline")
+
+
+@dataclass
+class _Group:
+    """The n samples of one user request, and what they return."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    outputs: list[CompletionOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.status.is_finished for r in self.samples)
+
+
+def kv_cache_budget(config: EngineConfig, device: torch.device, weight_bytes: int) -> int:
+    """Bytes for the KV cache: explicit, or a share of free memory."""
+    cache = config.cache
+    if cache.memory_bytes is not None:
+        return cache.memory_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        activations = total // 20  # headroom for activations and the allocator
+        return max(int(total * cache.memory_fraction) - (total - free) - activations, 0)
+    return int(psutil.virtual_memory().available * cache.cpu_memory_fraction)
+
+
+class LLMEngine:
+    """The synchronous engine: requests in, RequestOutputs out, one step at a time."""
+
+    def __init__(self, config: EngineConfig, progress=None) -> None:
+        self.config = config
+        self.num_threads = configure_threads(config.device.num_threads)
+        source = open_model(config.model)
+        self.model_config = source.model_config()
+        self.tokenizer = source.tokenizer()
+        self.runner = ModelRunner.load(source, config, progress)
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or limit, limit)
+        bs = config.cache.block_size
+        budget = kv_cache_budget(config, self.runner.device, self.runner.weight_bytes)
+        block_bytes = bs * self.runner.kv_bytes_per_token
+        num_blocks = budget // block_bytes
+        if num_blocks * bs < self.max_model_len:
+            raise InvalidRequestError(
+                f"the KV cache budget ({budget >> 20} MiB) holds {num_blocks * bs} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
+        num_swap = config.cache.swap_space_bytes // block_bytes if self.runner.device.type == "cuda" else \
+            min(config.cache.swap_space_bytes // block_bytes, num_blocks)
+        self.runner.allocate_kv_cache(num_blocks, bs, num_swap)
+        self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
+        self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.kv, self._preemption_mode)
+        self.groups: dict[str, _Group] = {}
+        self._owner: dict[str, str] = {}  # sample request id -> user request id
+        self._seed_counter = itertools.count()
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        logger.info("model %s: %d parameters, %.1f MiB weights (%s on %s, %d threads)", config.model,
+                    self.model_config.num_params, self.runner.weight_bytes / 2**20, self.runner.dtype,
+                    self.runner.device, self.num_threads)
+        logger.info("KV cache: %d blocks = %d tokens (%.1f MiB)", num_blocks, num_blocks * bs,
+                    num_blocks * block_bytes / 2**20)
+
+    # --- preemption cost: bytes to move vs. FLOPs to redo -------------------------------------
+    def _preemption_mode(self, request: Request) -> str:
+        mode = self.config.scheduler.preemption_mode
+        if mode != "auto":
+            return mode
+        kv_bytes = request.num_computed_tokens * self.runner.kv_bytes_per_token
+        if self.runner.device.type == "cuda":
+            swap_seconds = 2 * kv_bytes / 20e9  # out and back over PCIe (~20 GB/s effective)
+            recompute_seconds = 2 * self.model_config.num_params * request.num_computed_tokens / 200e12
+        else:  # swap is a memory copy; recompute is a full prefill at ~100 GFLOP/s
+            swap_seconds = 2 * kv_bytes / 5e9
+            recompute_seconds = 2 * self.model_config.num_params * request.num_computed_tokens / 100e9
+        return "swap" if swap_seconds < recompute_seconds else "recompute"
+
+    # --- requests -------------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(prompt text, token ids) for a text or token-id prompt, validated."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return None, ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """Queue a request (text or token ids); raises InvalidRequestError/ContextOverflowError on bad input."""
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context limit is "
+                                       f"{self.max_model_len} (prompt + at least one generated token)")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextOverflowError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
+                f"of {self.max_model_len} tokens")
+        max_tokens = params.max_tokens or room
+        eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
+        samples = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self.config.seed * 1_000_003 + next(
+                self._seed_counter)
+            gen = torch.Generator(device=self.runner.device)
+            gen.manual_seed(seed)
+            r = Request(f"{request_id}#{i}" if params.n > 1 else request_id, ids, params, max_tokens, eos,
+                        priority=priority, generator=gen, sample_index=i,
+                        parent_id=request_id if i else None)
+            if params.prompt_logprobs is not None:
+                r.prompt_logprobs = [None]
+            samples.append(r)
+        self.groups[request_id] = _Group(
+            request_id, text, ids, samples,
+            [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) for _ in samples],
+            [CompletionOutput(i, "", []) for i in range(params.n)])
+        self._owner.update((r.request_id, request_id) for r in samples)
+        self.scheduler.add_request(samples[0])
+        if params.n > 1:
+            self.scheduler.add_children(samples[0], samples[1:])
+        self.num_prompt_tokens += len(ids)
+
+    def abort(self, request_ids: str | list[str]) -> None:
+        """Stop requests now and free their KV blocks; unknown ids are ignored."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            for r in group.samples:
+                self._owner.pop(r.request_id, None)
+            self.scheduler.pending_children.pop(group.samples[0].request_id, None)
+            for r in group.samples:
+                if not r.status.is_finished:
+                    self.scheduler.finish(r, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.groups)
+
+    # --- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return the outputs of every request that advanced."""
+        plan: SchedulerOutput = self.scheduler.schedule()
+        result = self.runner.execute(plan, self.kv)
+        sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
+        self.scheduler.update_from_output(plan, sampled_ids)
+        touched: dict[str, _Group] = {}
+        by_id = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
+        for rid, entries in result.prompt_logprobs.items():
+            req = by_id[rid]
+            req.prompt_logprobs.extend(self._logprob_dict(e, e.token_id) for e in entries)
+        for rid, sampled in result.sampled.items():
+            req = by_id[rid]
+            group = self.groups.get(self._owner.get(rid, ""))
+            if group is None:
+                continue
+            if req.sampling_params.logprobs is not None:
+                req.logprobs.append(self._logprob_dict(sampled, sampled.token_id))
+            self._process_token(group, req, sampled.token_id)
+            touched[group.request_id] = group
+        self.num_generated_tokens += len(result.sampled)
+        outputs = [self._make_output(g) for g in touched.values()]
+        for out in outputs:
+            if out.finished:
+                for r in self.groups.pop(out.request_id).samples:
+                    self._owner.pop(r.request_id, None)
+        return outputs
+
+    def _logprob_dict(self, s: SampledToken, token_id: int) -> dict[int, Logprob]:
+        d = {tid: Logprob(lp, rank + 1, self.tokenizer.token_text(tid))
+             for rank, (tid, lp) in enumerate(zip(s.top_ids, s.top_logprobs))}
+        if token_id not in d:
+            d[token_id] = Logprob(s.logprob, s.rank, self.tokenizer.token_text(token_id))
+        d[token_id].processed_logprob = s.processed_logprob
+        return d
+
+    def _process_token(self, group: _Group, req: Request, token: int) -> None:
+        i = req.sample_index
+        out = group.outputs[i]
+        params = req.sampling_params
+        delta = group.detokenizers[i].add([token])
+        out.token_ids = req.output_token_ids
+        out.text += delta
+        status = None
+        if token in req.eos_token_ids or token in params.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+            if delta and not params.include_stop_str_in_output:
+                out.text = out.text[: len(out.text) - len(delta)]
+        if status is None and params.stop:
+            # only the tail that could contain a new match is searched
+            window = max(len(s) for s in params.stop) + len(delta)
+            tail_start = max(len(out.text) - window, 0)
+            for stop in params.stop:
+                pos = out.text.find(stop, tail_start)
+                if pos != -1:
+                    status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+                    out.text = out.text[: pos + (len(stop) if params.include_stop_str_in_output else 0)]
+                    break
+        if status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if params.logprobs is not None:
+            out.logprobs = req.logprobs
+        if status is not None:
+            out.finish_reason = status.value
+            out.stop_reason = req.stop_reason
+            self.scheduler.finish(req, status)
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        first = group.samples[0]
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs if first.sampling_params.prompt_logprobs is not None else None,
+            outputs=group.outputs,
+            finished=group.finished,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    def stats(self) -> dict[str, float]:
+        """Counters for logs and metrics."""
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage,
+            "prefix_cache_hit_rate": self.kv.stats.hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generated_tokens": self.num_generated_tokens,
+        }

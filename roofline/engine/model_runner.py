@@ -1,0 +1,168 @@
+"""ModelRunner: loads the model, owns the KV cache tensors, runs one step and samples."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from roofline.config import EngineConfig, ModelConfig
+from roofline.engine.input_batch import build_input_batch
+from roofline.engine.kv_cache import KVCacheManager
+from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
+from roofline.engine.scheduler import SchedulerOutput
+from roofline.errors import ConfigError
+from roofline.models.registry import model_class
+
+logger = logging.getLogger("roofline")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on CUDA, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op thread count: explicit, else $ROOFLINE_NUM_THREADS, $OMP_NUM_THREADS, all usable cores."""
+    if num_threads is None:
+        env = os.environ.get("ROOFLINE_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        num_threads = int(env) if env and env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(num_threads)
+    return num_threads
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced, per request id."""
+
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)  # in position order
+
+
+class ModelRunner:
+    """Runs the model over flat batches with a paged KV cache."""
+
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.device = device
+        self.dtype = dtype
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.swap_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+
+    @classmethod
+    def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
+        """Build the model for `source` (a GGUF file or HF directory) and fill its weights."""
+        device = resolve_device(config.device.device)
+        dtype = resolve_dtype(config.device.dtype, device)
+        model_config = source.model_config()
+        with torch.device(device):
+            model = model_class(model_config)(model_config).to(dtype)
+        tensors = source.tensors(dtype)
+        if progress is not None:
+            tensors = progress(tensors, total=source.num_tensors())
+        model.load_weights((name, t.to(device)) for name, t in tensors)
+        model.eval()
+        return cls(model, model_config, device, dtype)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers."""
+        c = self.model_config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of model weights (a tied embedding counted once)."""
+        seen = {}
+        for p in self.model.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> None:
+        """Preallocate per-layer K/V block tensors on the device, and swap space in CPU memory."""
+        c = self.model_config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # empty, not zeros: pages are touched only when used. Block 0 is zeroed because padded decode
+        # rows read slot 0 under a mask, and masked garbage could still be NaN.
+        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                           torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        for k, v in self.kv_caches:
+            k[0].zero_()
+            v[0].zero_()
+        swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, c.head_dim)
+        pin = self.device.type == "cuda"
+        self.swap_caches = [(torch.empty(swap_shape, dtype=self.dtype, pin_memory=pin),
+                             torch.empty(swap_shape, dtype=self.dtype, pin_memory=pin))
+                            for _ in range(c.num_layers)] if num_swap_blocks else []
+        self.block_size = block_size
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        for src, dst in out.block_copies:
+            for k, v in self.kv_caches:
+                k[dst].copy_(k[src])
+                v[dst].copy_(v[src])
+        if out.swap_out:
+            dev, cpu = (torch.tensor(x) for x in zip(*out.swap_out))
+            for (k, v), (sk, sv) in zip(self.kv_caches, self.swap_caches):
+                sk[cpu] = k[dev.to(self.device)].cpu()
+                sv[cpu] = v[dev.to(self.device)].cpu()
+        if out.swap_in:
+            cpu, dev = (torch.tensor(x) for x in zip(*out.swap_in))
+            for (k, v), (sk, sv) in zip(self.kv_caches, self.swap_caches):
+                k[dev.to(self.device)] = sk[cpu].to(self.device)
+                v[dev.to(self.device)] = sv[cpu].to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> ModelRunnerOutput:
+        """Run one step: move blocks, forward the flat batch, sample where a sequence ends."""
+        self._move_blocks(out)
+        result = ModelRunnerOutput()
+        if out.is_empty:
+            return result
+        batch = build_input_batch(out, kv, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        if not batch.logits_rows:
+            return result
+        rows = torch.tensor([r.row for r in batch.logits_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [N, vocab] fp32
+        sample_idx = [i for i, r in enumerate(batch.logits_rows) if r.sample]
+        prompt_idx = [i for i, r in enumerate(batch.logits_rows) if not r.sample]
+        if prompt_idx:
+            targets = [batch.logits_rows[i].prompt_target for i in prompt_idx]
+            tops = [batch.logits_rows[i].item.request.sampling_params.prompt_logprobs for i in prompt_idx]
+            entries = prompt_logprobs(logits[prompt_idx], targets, tops)
+            for i, entry in zip(prompt_idx, entries):
+                rid = batch.logits_rows[i].item.request.request_id
+                result.prompt_logprobs.setdefault(rid, []).append(entry)
+        if sample_idx:
+            # a parent completing its prompt also samples the first token of each forked child
+            row_logits, sampling_rows, owners = [], [], []
+            for i in sample_idx:
+                item = batch.logits_rows[i].item
+                for r in [item.request, *item.fork_children]:
+                    row_logits.append(i)
+                    sampling_rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids,
+                                                     r.output_token_ids))
+                    owners.append(r.request_id)
+            sampled = self.sampler(logits[row_logits], sampling_rows)
+            result.sampled = dict(zip(owners, sampled))
+        return result

@@ -1,0 +1,201 @@
+"""Scheduler: decides, each step, which requests run and how many tokens each (continuous batching).
+
+Running requests go first (one decode token each, or the next chunk of an unfinished prompt), then
+waiting requests in (priority, arrival) order, all within `max_num_batched_tokens` and
+`max_num_seqs`. Long prompts are split into chunks so decodes never stall behind them. When KV
+blocks run out, the lowest-priority running request is preempted: its blocks are swapped to CPU
+memory or freed for recomputation, whichever the cost estimate says is cheaper.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from roofline.config import SchedulerConfig
+from roofline.engine.kv_cache import KVCacheManager
+from roofline.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    num_new_tokens: int  # tokens to compute this step, from request.num_computed_tokens on
+    fork_children: list[Request] = field(default_factory=list)  # n > 1: samples that branch off this prompt
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this step computes the last known token, so a new token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan of one step, handed to the model runner."""
+
+    scheduled: list[ScheduledRequest]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks (forks)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens computed this step."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing is to be computed (block moves may still be pending)."""
+        return not self.scheduled
+
+
+# request -> "swap" or "recompute"
+PreemptionPolicy = Callable[[Request], str]
+
+
+def recompute_always(request: Request) -> str:
+    """The preemption policy that never swaps."""
+    return "recompute"
+
+
+class Scheduler:
+    """Iteration-level scheduler over a waiting queue and a running set."""
+
+    def __init__(self, config: SchedulerConfig, max_model_len: int, kv: KVCacheManager,
+                 preemption_policy: PreemptionPolicy = recompute_always) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.kv = kv
+        self.preemption_policy = preemption_policy
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.pending_children: dict[str, list[Request]] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+        self.num_preemptions = 0
+        self.num_swaps = 0
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request."""
+        self.waiting.append(request)
+
+    def add_children(self, parent: Request, children: list[Request]) -> None:
+        """Queue samples 2..n of `parent`; they fork off its KV once its prompt is computed."""
+        self.pending_children[parent.request_id] = children
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests waiting, running or waiting to fork."""
+        return len(self.waiting) + len(self.running) + sum(len(c) for c in self.pending_children.values())
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        mode = self.preemption_policy(request)
+        if mode == "swap" and self.kv.can_swap_out(request):
+            out.swap_out.extend(self.kv.swap_out(request))
+            request.is_swapped = True
+            self.num_swaps += 1
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        out.preempted_ids.append(request.request_id)
+        self.waiting.insert(0, request)
+        self._requeue_children(request)
+
+    def _requeue_children(self, parent: Request) -> None:
+        # A preempted parent no longer holds its prompt KV: its samples run as ordinary requests.
+        for child in self.pending_children.pop(parent.request_id, []):
+            child.parent_id = None
+            self.waiting.append(child)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step."""
+        out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies)
+        self._pending_copies = []
+        budget = self.config.max_num_batched_tokens
+        # 1. running requests, highest priority first; preempt from the back when blocks run out
+        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+        # 2. waiting requests, unless something was just preempted (no room to spare)
+        self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        while self.waiting and budget > 0 and not out.preempted_ids \
+                and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request.is_swapped:
+                copies = self.kv.swap_in(request)
+                if copies is None:
+                    break
+                out.swap_in.extend(copies)
+                request.is_swapped = False
+            cached = [] if request.num_computed_tokens else self.kv.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_cached_tokens, budget)
+            if not self.kv.allocate(request, num_new, cached):
+                break
+            self.waiting.pop(0)
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached_tokens
+            request.num_computed_tokens += num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+        for item in out.scheduled:
+            self._plan_fork(item)
+        return out
+
+    def _plan_fork(self, item: ScheduledRequest) -> None:
+        children = self.pending_children.get(item.request.request_id)
+        if not children or not item.completes_sequence:
+            return
+        seats = self.config.max_num_seqs - len(self.running)
+        if len(children) <= min(seats, self.kv.num_free_blocks):
+            item.fork_children = self.pending_children.pop(item.request.request_id)
+        else:  # no room to fork now: the samples run as ordinary requests (sharing the prefix cache)
+            self._requeue_children(item.request)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance counters after a step; `sampled` maps request id -> new token (forked children included)."""
+        now = time.monotonic()
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            for child in item.fork_children:
+                child.num_computed_tokens = request.num_computed_tokens
+                copy = self.kv.fork(request, child)
+                if copy is not None:
+                    self._pending_copies.append(copy)
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+            for r in [request, *item.fork_children]:
+                if r.request_id in sampled:
+                    r.output_token_ids.append(sampled[r.request_id])
+                    if r.first_token_time is None:
+                        r.first_token_time = now
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark a request finished (stopped, length or aborted) and free its blocks at once."""
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self._requeue_children(request)

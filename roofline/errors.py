@@ -1,0 +1,21 @@
+"""User-facing error types: each says what was wrong and what to do, in one line."""
+
+
+class RooflineError(ValueError):
+    """Base class of every error a user can cause; the CLI prints it as one line and exits 2."""
+
+
+class ConfigError(RooflineError):
+    """An invalid configuration value."""
+
+
+class ModelLoadError(RooflineError):
+    """A model path that is missing, unsupported, truncated or corrupt."""
+
+
+class InvalidRequestError(RooflineError):
+    """A bad prompt or sampling parameter."""
+
+
+class ContextOverflowError(InvalidRequestError):
+    """A prompt (plus requested tokens) longer than the model's context."""

@@ -1,0 +1,1 @@
+"""Shared building blocks that every model family is assembled from."""

@@ -1,0 +1,83 @@
+"""Attention over a paged KV cache.
+
+The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. Each new
+token's key and value are written at its slot (block * block_size + offset), then each sequence
+attends to its whole context, gathered through its slot table. Decode tokens (one query each) are
+attended in one padded batch; each prefill chunk is attended on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's block of consecutive query tokens in the flat batch."""
+
+    query_start: int  # first token of the chunk in the flat batch
+    query_len: int
+    context_len: int  # tokens in the sequence's context once this chunk is written (cached + chunk)
+    slot_table: torch.Tensor | None  # [context_len] slots of the whole context; None when nothing was cached
+    causal_mask: torch.Tensor | None  # [query_len, context_len] bool; None when slot_table is None
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about the batch, built once per step by the input batch."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    num_decode_tokens: int  # decode tokens come first in the flat batch, one per sequence
+    decode_slot_table: torch.Tensor | None  # [num_decodes, max_context] slots (padding repeats slot 0)
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] bool; None when no padding
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention of new queries against cached and new keys/values."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, H, D]; k, v [T, KVH, D] -> [T, H * D]
+        k_cache, v_cache = kv_cache
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)  # [slots, KVH, D]
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
+
+        out = torch.empty_like(q)
+        num_decode = meta.num_decode_tokens
+        if num_decode:
+            table = meta.decode_slot_table  # [B, C]
+            keys = k_flat[table].transpose(1, 2).to(q.dtype)  # [B, KVH, C, D]
+            values = v_flat[table].transpose(1, 2).to(q.dtype)
+            queries = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
+            attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask,
+                                                  scale=self.scale, enable_gqa=True)
+            out[:num_decode] = attn.squeeze(2)
+        for chunk in meta.prefills:
+            rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+            if chunk.slot_table is None:  # nothing cached before: the chunk's own K/V, causal
+                keys = k[rows].transpose(0, 1).unsqueeze(0)
+                values = v[rows].transpose(0, 1).unsqueeze(0)
+                attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                                      scale=self.scale, enable_gqa=True)
+            else:
+                keys = k_flat[chunk.slot_table].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, C, D]
+                values = v_flat[chunk.slot_table].transpose(0, 1).unsqueeze(0).to(q.dtype)
+                attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=chunk.causal_mask,
+                                                      scale=self.scale, enable_gqa=True)
+            out[rows] = attn.squeeze(0).transpose(0, 1)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,100 @@
+"""LLM: the offline Python API (`LLM.generate`, `LLM.chat`), in the shape vLLM users know."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from roofline.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+from roofline.engine.llm_engine import LLMEngine
+from roofline.errors import InvalidRequestError
+from roofline.outputs import RequestOutput
+from roofline.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model once, then generate for many prompts at a time."""
+
+    def __init__(self, model: str = "default", dtype: str = "auto", device: str = "auto",
+                 max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
+                 kv_cache_memory: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512, preemption_mode: str = "auto",
+                 swap_space: int = 2 << 30, show_progress: bool = False) -> None:
+        config = EngineConfig(
+            model=model,
+            device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads),
+            cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching, swap_space_bytes=swap_space),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      max_model_len=max_model_len, preemption_mode=preemption_mode),
+            seed=seed,
+            show_progress=show_progress,
+        )
+        progress = _tqdm_progress if show_progress else None
+        self.engine = LLMEngine(config, progress)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or many (text or token ids); all run through the engine together."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        if not messages:
+            raise InvalidRequestError("no messages given")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outputs = self.generate(ids, sampling_params, use_tqdm)
+        for out, text in zip(outputs, prompts):
+            out.prompt = text
+        return outputs
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_request(rid, prompt, p)
+            final: dict[str, RequestOutput] = {}
+            bar = _tqdm_bar(len(ids)) if use_tqdm else None
+            while len(final) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+            if bar is not None:
+                bar.close()
+        finally:
+            engine.abort([rid for rid in ids if rid in engine.groups])
+        return [final[rid] for rid in ids]
+
+
+def _tqdm_progress(iterable, total: int):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc="loading weights", unit="tensor", leave=False)
+
+
+def _tqdm_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")

@@ -1,0 +1,158 @@
+"""Hugging Face directory loader: config.json, safetensors (single or sharded), tokenizer, chat template."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+
+from roofline.config import ModelConfig
+from roofline.errors import ModelLoadError
+from roofline.loaders.tokenizer import TextTokenizer, TokenizerInfo
+
+# HF `architectures[0]` -> our registry key
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class HFDirectory:
+    """A model directory in the Hugging Face layout; tensors are memory-mapped, never unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.config = self._read_json("config.json", required=True)
+
+    def _read_json(self, name: str, required: bool = False) -> dict:
+        file = os.path.join(self.path, name)
+        if not os.path.exists(file):
+            if required:
+                raise ModelLoadError(f"{self.path}: no {name}; is this a Hugging Face model directory?")
+            return {}
+        try:
+            with open(file, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{file}: unreadable JSON ({exc})") from None
+
+    def model_config(self) -> ModelConfig:
+        """The architecture hyper-parameters from config.json."""
+        c = self.config
+        archs = c.get("architectures") or []
+        arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(f"{self.path}: architecture {archs or c.get('model_type')} is not supported; "
+                                 f"supported: {', '.join(sorted(HF_ARCHITECTURES))}")
+        try:
+            heads = int(c["num_attention_heads"])
+            hidden = int(c["hidden_size"])
+            head_dim = c.get("head_dim") or hidden // heads
+            gen = self._read_json("generation_config.json")
+            eos = [e for src in (c.get("eos_token_id"), gen.get("eos_token_id")) if src is not None
+                   for e in (src if isinstance(src, list) else [src])]
+            rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            scaling = c.get("rope_scaling")
+            if scaling is None and c.get("rope_parameters", {}).get("rope_type", "default") != "default":
+                scaling = c["rope_parameters"]
+            return ModelConfig(
+                architecture=arch,
+                vocab_size=int(c["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(c["intermediate_size"]),
+                num_layers=int(c["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta),
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+                attention_bias=bool(c.get("attention_bias", arch == "qwen2")),
+                qk_norm=arch == "qwen3",
+                bos_token_id=c.get("bos_token_id"),
+                eos_token_ids=sorted(set(int(e) for e in eos)),
+                hidden_act=c.get("hidden_act", "silu"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{self.path}/config.json: missing or bad field {exc}") from None
+
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer from tokenizer.json, with specials and chat template from tokenizer_config.json."""
+        from tokenizers import Tokenizer
+
+        file = os.path.join(self.path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise ModelLoadError(f"{self.path}: no tokenizer.json (the fast-tokenizer file is required)")
+        try:
+            tok = Tokenizer.from_file(file)
+        except Exception as exc:
+            raise ModelLoadError(f"{file}: unreadable tokenizer ({exc})") from None
+        tc = self._read_json("tokenizer_config.json")
+        template = tc.get("chat_template")
+        template_file = os.path.join(self.path, "chat_template.jinja")
+        if os.path.exists(template_file):
+            with open(template_file, encoding="utf-8") as f:
+                template = f.read()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        bos_tok, eos_tok = _token_text(tc.get("bos_token")), _token_text(tc.get("eos_token"))
+        cfg = self.model_config()
+        bos_id = tok.token_to_id(bos_tok) if bos_tok else cfg.bos_token_id
+        eos_ids = list(cfg.eos_token_ids)
+        if eos_tok and tok.token_to_id(eos_tok) is not None and tok.token_to_id(eos_tok) not in eos_ids:
+            eos_ids.append(tok.token_to_id(eos_tok))
+        # tokenizer.json's post-processor adds BOS where the model wants it; add_bos_token covers the rest.
+        has_post = tok.post_processor is not None
+        info = TokenizerInfo(bos_token_id=bos_id, eos_token_ids=eos_ids,
+                             add_bos_token=bool(tc.get("add_bos_token", False)) and not has_post,
+                             chat_template=template, bos_token=bos_tok, eos_token=eos_tok)
+        return TextTokenizer(tok, info)
+
+    def _weight_files(self) -> list[str]:
+        index = os.path.join(self.path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            weight_map = self._read_json("model.safetensors.index.json").get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        if not files:
+            raise ModelLoadError(f"{self.path}: no *.safetensors weights (pickled .bin files are not loaded)")
+        return [os.path.join(self.path, f) for f in files]
+
+    def num_tensors(self) -> int:
+        """How many tensors the checkpoint holds."""
+        from safetensors import safe_open
+
+        total = 0
+        for file in self._weight_files():
+            with safe_open(file, framework="pt") as f:
+                total += len(list(f.keys()))
+        return total
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) pairs from the safetensors files, cast to `dtype`."""
+        from safetensors import safe_open
+
+        for file in self._weight_files():
+            if not os.path.exists(file):
+                raise ModelLoadError(f"{file}: weight shard listed in the index is missing")
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name).to(dtype)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"{file}: unreadable safetensors ({exc}); is it truncated?") from None
+
+
+def _token_text(tok: str | dict | None) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok

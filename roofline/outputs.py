@@ -1,0 +1,49 @@
+"""What a request returns: RequestOutput with one CompletionOutput per sample, and Logprob entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """Log-probability of a token under the raw model distribution, and its rank there (1 = most likely)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+    processed_logprob: float | None = None  # after temperature/penalties/top-k/top-p/min-p, when asked for
+
+
+# one dict per token position: token id -> Logprob (the chosen token is always present)
+LogprobsList = list[dict[int, Logprob]]
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: LogprobsList | None = None
+    finish_reason: str | None = None  # "stop" or "length"; None while running
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        """True once a stop condition was met."""
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request: prompt, per-sample outputs, and whether it is done."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -1,0 +1,153 @@
+"""Roofline step costs: one decode step and one prefill pass, split into bytes, FLOPs, communication, offload."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from roofline.planner.hardware import HardwareSpec
+from roofline.planner.layout import Layout
+from roofline.planner.memory import (MAX_BATCHED_TOKENS, kv_bytes_per_token_per_device,
+                                     stage_layers)
+from roofline.planner.model_spec import KV_TENSORS, ModelSpec
+
+ALLREDUCES_PER_LAYER = 2  # after attention's output projection and after the MLP
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds one forward step spends per roofline term on the slowest device.
+
+    Device memory reads and compute overlap (the roofline's max); offload streams overlap with
+    both (FlexGen's max over concurrent transfers); communication adds on top.
+    """
+
+    weight_read_s: float  # reading weights from device memory
+    kv_read_s: float  # reading (and writing) the KV cache in device memory
+    compute_s: float  # matmul and attention FLOPs at the device's rate
+    comm_s: float = 0.0  # tensor-parallel all-reduces and pipeline hand-offs
+    host_link_s: float = 0.0  # offload: weights/KV over PCIe
+    disk_s: float = 0.0  # offload: weights read from disk
+    host_attention_s: float = 0.0  # offload: CPU attention over KV held in host RAM
+
+    @property
+    def memory_s(self) -> float:
+        """Device memory time."""
+        return self.weight_read_s + self.kv_read_s
+
+    @property
+    def time_s(self) -> float:
+        """Step time: the slowest overlapped stream plus communication."""
+        return max(self.memory_s, self.compute_s, self.host_link_s, self.disk_s,
+                   self.host_attention_s) + self.comm_s
+
+    @property
+    def bound(self) -> str:
+        """Which ceiling limits the step: memory, compute, transfer (offload) or communication."""
+        overlapped = {"memory": self.memory_s, "compute": self.compute_s,
+                      "transfer": max(self.host_link_s, self.disk_s, self.host_attention_s)}
+        if self.comm_s > max(overlapped.values()):
+            return "communication"
+        return max(overlapped, key=overlapped.__getitem__)
+
+    def dominant_term(self) -> tuple[str, float]:
+        """The single largest term and its share of step time, e.g. ('weight reads', 0.74)."""
+        terms = {"weight reads": self.weight_read_s, "KV cache reads": self.kv_read_s,
+                 "matmul FLOPs": self.compute_s, "tensor-parallel communication": self.comm_s,
+                 "weight/KV transfer over the host link": self.host_link_s,
+                 "weight reads from disk": self.disk_s, "CPU attention over host KV": self.host_attention_s}
+        name = max(terms, key=terms.__getitem__)
+        return name, terms[name] / self.time_s if self.time_s > 0 else 0.0
+
+
+def allreduce_s(hw: HardwareSpec, tp: int, num_bytes: float, num_calls: int = 1) -> float:
+    """Ring all-reduces moving num_bytes in all over tp devices: latency per call plus 2(tp-1)/tp of the bytes."""
+    if tp == 1:
+        return 0.0
+    return num_calls * hw.interconnect_latency_s + 2 * (tp - 1) / tp * num_bytes / hw.interconnect_bandwidth
+
+
+def p2p_s(hw: HardwareSpec, num_bytes: float) -> float:
+    """One pipeline hand-off of num_bytes between neighbouring stages."""
+    return hw.interconnect_latency_s + num_bytes / hw.interconnect_bandwidth
+
+
+def _head_params(spec: ModelSpec) -> int:
+    return spec.vocab_size * spec.hidden_size + spec.final_norm_params
+
+
+def _offload_terms(hw: HardwareSpec, layout: Layout, weight_bytes: float,
+                   kv_host_bytes: float) -> tuple[float, float]:
+    """(host link seconds, disk seconds) to stream the offloaded share of weight_bytes, plus host KV."""
+    placement = layout.placement
+    streamed = weight_bytes * (placement.weights_on_host + placement.weights_on_disk)
+    disk_s = weight_bytes * placement.weights_on_disk / hw.disk_bandwidth
+    # A CPU "device" maps disk pages straight into RAM: there is no host link to cross.
+    link_s = 0.0 if hw.host_link_bandwidth is None else (streamed + kv_host_bytes) / hw.host_link_bandwidth
+    return link_s, disk_s
+
+
+def decode_stage_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, batch: int,
+                      context: float) -> StepCost:
+    """One decode step of `batch` sequences at `context` tokens on the fullest pipeline stage."""
+    tp, fmt, placement = layout.tp, layout.weight_format, layout.placement
+    layers = stage_layers(spec, layout.pp)
+    # The last stage holds the most: its layers plus the LM head, vocabulary split over tp.
+    weight_bytes = (layers * spec.layer_params_per_rank(tp) + _head_params(spec) / tp) * fmt.bytes_per_weight
+    kv_bytes = batch * context * kv_bytes_per_token_per_device(spec, layout)
+    layer_share = layers / spec.num_layers
+    flops = batch * ((spec.matmul_flops_per_token + spec.attention_flops(context)) * layer_share
+                     + spec.lm_head_flops) / tp
+    kv_host = kv_bytes * (1.0 - placement.kv_on_device)
+    link_s, disk_s = _offload_terms(hw, layout, weight_bytes, 0.0)
+    comm_s = ALLREDUCES_PER_LAYER * layers * allreduce_s(
+        hw, tp, batch * spec.hidden_size * fmt.activation_bytes)
+    return StepCost(
+        weight_read_s=weight_bytes / hw.memory_bandwidth,
+        kv_read_s=(kv_bytes - kv_host) / hw.memory_bandwidth,
+        compute_s=flops / hw.flops_for(fmt.compute_dtype), comm_s=comm_s,
+        host_link_s=link_s, disk_s=disk_s,
+        host_attention_s=kv_host / hw.host_bandwidth if kv_host > 0 else 0.0)
+
+
+def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts: int,
+                 prompt_len: int) -> StepCost:
+    """Prefill of num_prompts prompts through the whole model (all stages in turn), per tensor rank."""
+    tp, fmt, placement = layout.tp, layout.weight_format, layout.placement
+    tokens = num_prompts * prompt_len
+    # Chunked prefill reads every weight once per chunk of MAX_BATCHED_TOKENS.
+    num_chunks = math.ceil(tokens / MAX_BATCHED_TOKENS)
+    weight_bytes = (spec.num_layers * spec.layer_params_per_rank(tp) + _head_params(spec) / tp) \
+        * fmt.bytes_per_weight
+    kv_per_token = KV_TENSORS * spec.num_layers * spec.kv_heads_per_rank(tp) * spec.head_dim * layout.kv_bytes
+    kv_written = tokens * kv_per_token
+    kv_host = kv_written * (1.0 - placement.kv_on_device)
+    link_s, disk_s = _offload_terms(hw, layout, num_chunks * weight_bytes, kv_host)
+    activation_bytes = tokens * spec.hidden_size * fmt.activation_bytes
+    comm_s = ALLREDUCES_PER_LAYER * spec.num_layers * allreduce_s(hw, tp, activation_bytes, num_chunks)
+    if layout.pp > 1:
+        comm_s += (layout.pp - 1) * p2p_s(hw, activation_bytes)
+    return StepCost(
+        weight_read_s=num_chunks * weight_bytes / hw.memory_bandwidth,
+        kv_read_s=(kv_written - kv_host) / hw.memory_bandwidth,
+        compute_s=num_prompts * spec.prefill_flops(prompt_len) / tp / hw.flops_for(fmt.compute_dtype),
+        comm_s=comm_s, host_link_s=link_s, disk_s=disk_s)
+
+
+def arithmetic_intensity(spec: ModelSpec, layout: Layout, batch: int, context: float) -> float:
+    """FLOPs per byte of device memory traffic in one decode step (single device, no offload)."""
+    fmt = layout.weight_format
+    weight_bytes = spec.decode_read_params() * fmt.bytes_per_weight
+    kv_bytes = batch * context * spec.kv_bytes_per_token(layout.kv_bytes)
+    return batch * spec.decode_flops_per_token(context) / (weight_bytes + kv_bytes)
+
+
+def crossover_batch(spec: ModelSpec, hw: HardwareSpec, layout: Layout, context: float = 0.0) -> float | None:
+    """Batch at which decode turns compute-bound on one device; None if KV reads keep it memory-bound."""
+    fmt = layout.weight_format
+    weight_s = spec.decode_read_params() * fmt.bytes_per_weight / hw.memory_bandwidth
+    # Per sequence: compute time grows by F/rate, memory time by the KV it reads.
+    per_seq_compute_s = spec.decode_flops_per_token(context) / hw.flops_for(fmt.compute_dtype)
+    per_seq_kv_s = context * spec.kv_bytes_per_token(layout.kv_bytes) / hw.memory_bandwidth
+    margin = per_seq_compute_s - per_seq_kv_s
+    return weight_s / margin if margin > 0 else None

@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test run clean
+.PHONY: venv test run serve clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,9 @@ test: venv
 
 run: venv
 	$(VENV)/bin/roofline chat --model default
+
+serve: venv
+	$(VENV)/bin/roofline serve --model default
 
 clean:
 	rm -rf $(VENV)

@@ -69,7 +69,11 @@ class LLMEngine:
         budget = kv_cache_budget(config, self.runner.device, self.runner.weight_bytes)
         block_bytes = bs * self.runner.kv_bytes_per_token
         num_blocks = budget // block_bytes
-        if num_blocks * bs < self.max_model_len:
+        if num_blocks * bs < self.max_model_len and config.scheduler.max_model_len is None and num_blocks > 0:
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", num_blocks * bs,
+                           self.max_model_len)
+            self.max_model_len = num_blocks * bs
+        if num_blocks * bs < self.max_model_len or num_blocks == 0:
             raise InvalidRequestError(
                 f"the KV cache budget ({budget >> 20} MiB) holds {num_blocks * bs} tokens, fewer than one "
                 f"sequence of max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")

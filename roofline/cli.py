@@ -1,0 +1,214 @@
+"""Command line: `roofline generate | chat | batch | serve | plan | calibrate | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from roofline import __version__
+from roofline.errors import RooflineError
+
+EXIT_USAGE = 2
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default', a Hugging Face directory or a .gguf file")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $ROOFLINE_NUM_THREADS, $OMP_NUM_THREADS, or all cores)")
+    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                   help="KV cache budget, e.g. 512MiB or 2GiB (default: a share of free memory)")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None,
+                   help="per-request sampling seed (reproducible output)")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("abgikm")
+    unit = t[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def _make_llm(args: argparse.Namespace):
+    from roofline.llm import LLM
+
+    return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
+               show_progress=sys.stderr.isatty())
+
+
+def _sampling(args: argparse.Namespace, **extra):
+    from roofline.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sample_seed, **extra)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate one completion and print it (or JSON with --json)."""
+    params = _sampling(args, logprobs=args.logprobs)
+    llm = _make_llm(args)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    else:
+        out = llm.generate(args.prompt, params)[0]
+    completion = out.outputs[0]
+    if args.json:
+        record = {
+            "prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids, "text": completion.text,
+            "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+        }
+        if completion.logprobs is not None:
+            record["logprobs"] = [
+                {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "token": lp.decoded_token}
+                 for tid, lp in entry.items()} for entry in completion.logprobs]
+        print(json.dumps(record, ensure_ascii=False))
+    else:
+        print(completion.text)
+        if completion.logprobs is not None:
+            for tid, entry in zip(completion.token_ids, completion.logprobs):
+                alts = ", ".join(f"{lp.decoded_token!r}:{lp.logprob:.3f}" for t, lp in entry.items() if t != tid)
+                chosen = entry[tid]
+                print(f"  {chosen.decoded_token!r} logprob={chosen.logprob:.4f} rank={chosen.rank}"
+                      + (f"  [{alts}]" if alts else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat; tokens stream to the terminal; /exit quits, /reset clears the history."""
+    llm = _make_llm(args)
+    engine = llm.engine
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("roofline chat - /exit to quit, /reset to clear the history", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            del history[1 if args.system else 0:]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+        rid = f"chat-{turn}"
+        turn += 1
+        try:
+            engine.add_request(rid, ids, _sampling(args))
+        except RooflineError as exc:
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        printed = 0
+        text = ""
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    sys.stdout.write(text[printed:])
+                    sys.stdout.flush()
+                    printed = len(text)
+        except KeyboardInterrupt:
+            engine.abort(rid)
+        print()
+        history.append({"role": "assistant", "content": text})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="roofline", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"roofline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--logprobs", type=int, default=None, help="report top-N logprobs per token")
+    gen.add_argument("--json", action="store_true", help="print one JSON record")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with streamed replies")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=cmd_chat)
+
+    for register in _optional_commands():
+        register(sub)
+    return parser
+
+
+def _optional_commands():
+    """Subcommands that live in their own packages."""
+    registrars = []
+    try:
+        from roofline.planner.commands import add_calibrate_parser, add_plan_parser
+
+        registrars += [add_plan_parser, add_calibrate_parser]
+    except ImportError:
+        pass
+    try:
+        from roofline.batch import add_batch_parser
+
+        registrars.append(add_batch_parser)
+    except ImportError:
+        pass
+    try:
+        from roofline.server.commands import add_serve_parser
+
+        registrars.append(add_serve_parser)
+    except ImportError:
+        pass
+    return registrars
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; user errors print one line and exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except RooflineError as exc:
+        print(f"roofline: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

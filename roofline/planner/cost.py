@@ -29,6 +29,7 @@ class StepCost:
     host_link_s: float = 0.0  # offload: weights/KV over PCIe
     disk_s: float = 0.0  # offload: weights read from disk
     host_attention_s: float = 0.0  # offload: CPU attention over KV held in host RAM
+    overhead_s: float = 0.0  # fixed per-layer costs: kernel launches, op dispatch
 
     @property
     def memory_s(self) -> float:
@@ -39,13 +40,15 @@ class StepCost:
     def time_s(self) -> float:
         """Step time: the slowest overlapped stream plus communication."""
         return max(self.memory_s, self.compute_s, self.host_link_s, self.disk_s,
-                   self.host_attention_s) + self.comm_s
+                   self.host_attention_s) + self.comm_s + self.overhead_s
 
     @property
     def bound(self) -> str:
         """Which ceiling limits the step: memory, compute, transfer (offload) or communication."""
         overlapped = {"memory": self.memory_s, "compute": self.compute_s,
                       "transfer": max(self.host_link_s, self.disk_s, self.host_attention_s)}
+        if self.overhead_s > max(overlapped.values()) and self.overhead_s > self.comm_s:
+            return "overhead"
         if self.comm_s > max(overlapped.values()):
             return "communication"
         return max(overlapped, key=overlapped.__getitem__)
@@ -55,7 +58,8 @@ class StepCost:
         terms = {"weight reads": self.weight_read_s, "KV cache reads": self.kv_read_s,
                  "matmul FLOPs": self.compute_s, "tensor-parallel communication": self.comm_s,
                  "weight/KV transfer over the host link": self.host_link_s,
-                 "weight reads from disk": self.disk_s, "CPU attention over host KV": self.host_attention_s}
+                 "weight reads from disk": self.disk_s, "CPU attention over host KV": self.host_attention_s,
+                 "per-layer launch/dispatch overhead": self.overhead_s}
         name = max(terms, key=terms.__getitem__)
         return name, terms[name] / self.time_s if self.time_s > 0 else 0.0
 
@@ -106,7 +110,7 @@ def decode_stage_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, batch: 
         weight_read_s=weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_bytes - kv_host) / hw.memory_bandwidth,
         compute_s=flops / hw.flops_for(fmt.compute_dtype), comm_s=comm_s,
-        host_link_s=link_s, disk_s=disk_s,
+        host_link_s=link_s, disk_s=disk_s, overhead_s=layers * hw.layer_overhead_s,
         host_attention_s=kv_host / hw.host_bandwidth if kv_host > 0 else 0.0)
 
 
@@ -131,7 +135,8 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
         weight_read_s=num_chunks * weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_written - kv_host) / hw.memory_bandwidth,
         compute_s=num_prompts * spec.prefill_flops(prompt_len) / tp / hw.flops_for(fmt.compute_dtype),
-        comm_s=comm_s, host_link_s=link_s, disk_s=disk_s)
+        comm_s=comm_s, host_link_s=link_s, disk_s=disk_s,
+        overhead_s=num_chunks * spec.num_layers * hw.layer_overhead_s)
 
 
 def arithmetic_intensity(spec: ModelSpec, layout: Layout, batch: int, context: float) -> float:

@@ -15,6 +15,10 @@ CPU_RESERVED_BYTES = 4 * GB  # operating system and other processes
 NVLINK_LATENCY_S = 8e-6  # one small all-reduce over NVLink / Infinity Fabric
 PCIE_LATENCY_S = 25e-6  # one small all-reduce through PCIe and host
 NVME_BANDWIDTH = 2 * GB  # sequential read of a typical cloud NVMe volume
+# Fixed time per transformer layer per forward pass: gaps between ~10 kernels captured in a CUDA
+# graph on a GPU; dispatch of ~30 eager PyTorch ops (1 us each) on a CPU.
+GPU_LAYER_OVERHEAD_S = 10e-6
+CPU_LAYER_OVERHEAD_S = 30e-6
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class HardwareSpec:
     usd_per_hour: float = 0.0  # typical on-demand price per device
     reserved_bytes: float = GPU_RESERVED_BYTES  # memory the runtime holds outside the planner's terms
     is_cpu: bool = False  # the "device" is the CPU itself: offload goes to disk only
+    layer_overhead_s: float = GPU_LAYER_OVERHEAD_S  # fixed seconds per layer per forward pass
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "memory_bandwidth", "interconnect_bandwidth"):
@@ -95,7 +100,8 @@ def hardware_presets() -> dict[str, HardwareSpec]:
                      flops={"fp32": 2.0 * TFLOP, "bf16": 2.0 * TFLOP},
                      interconnect_bandwidth=25 * GB, interconnect_latency_s=50e-6,
                      host_memory_bytes=0.0, host_bandwidth=150 * GB, usd_per_hour=0.70,
-                     reserved_bytes=CPU_RESERVED_BYTES, is_cpu=True),
+                     reserved_bytes=CPU_RESERVED_BYTES, is_cpu=True,
+                     layer_overhead_s=CPU_LAYER_OVERHEAD_S),
     ]
     return {spec.name: spec for spec in presets}
 

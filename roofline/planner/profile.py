@@ -12,6 +12,8 @@ from roofline.planner.hardware import CPU_RESERVED_BYTES, GPU_RESERVED_BYTES, Ha
 
 PROFILE_VERSION = 1
 PROFILE_FILE = "hardware-local.json"
+# Eager PyTorch ops in one Llama block: norms, projections, rotary, cache writes, attention, MLP, residuals.
+EAGER_OPS_PER_LAYER = 32
 
 
 def cache_dir() -> Path:
@@ -39,6 +41,7 @@ class CalibrationProfile:
     gemv_bandwidth: float  # matrix-vector products over many matrices: what batch-1 decode reaches
     matmul_flops: dict[str, float]  # large square matmuls by dtype
     disk_bandwidth: float  # sequential read of an uncached file
+    op_overhead_s: float  # fixed cost of one tiny op: dispatch on a CPU, launch on a GPU
     host_link_bandwidth: float | None = None  # pinned host->device copy, GPU only
     host_memory_bytes: float = 0.0  # host RAM next to a GPU
     host_bandwidth: float | None = None  # host RAM read bandwidth next to a GPU
@@ -56,7 +59,7 @@ class CalibrationProfile:
             interconnect_bandwidth=self.host_link_bandwidth or self.copy_bandwidth,
             host_link_bandwidth=self.host_link_bandwidth, host_memory_bytes=self.host_memory_bytes,
             host_bandwidth=self.host_bandwidth or self.read_bandwidth, disk_bandwidth=self.disk_bandwidth,
-            usd_per_hour=0.0, is_cpu=is_cpu,
+            usd_per_hour=0.0, is_cpu=is_cpu, layer_overhead_s=EAGER_OPS_PER_LAYER * self.op_overhead_s,
             reserved_bytes=min(CPU_RESERVED_BYTES if is_cpu else GPU_RESERVED_BYTES, self.memory_bytes / 4))
 
 

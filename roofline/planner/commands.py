@@ -1,0 +1,154 @@
+"""argparse wiring of `roofline plan` and `roofline calibrate`; each handler returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from roofline.errors import ConfigError, RooflineError
+from roofline.planner.hardware import HardwareSpec, with_overrides
+from roofline.planner.hardware_source import load_hardware
+from roofline.planner.layout import Workload
+from roofline.planner.model_source import load_model_spec
+from roofline.planner.model_spec import ModelSpec
+from roofline.planner.profile import default_profile_path, save_profile
+from roofline.planner.report import format_report, plot_roofline, report_json
+from roofline.planner.search import DEFAULT_MAX_BATCH, DEFAULT_TOP_K, Objective, PlanRequest, search
+from roofline.planner.units import format_bytes, format_rate, parse_quantity, parse_slo
+
+DEFAULT_CONTEXT = 4096
+DEFAULT_OUTPUT_LEN = 256
+EXIT_OK, EXIT_NO_PLAN, EXIT_USAGE = 0, 1, 2
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plan` on an argparse subparsers object; sets func=run_plan."""
+    parser = subparsers.add_parser(
+        "plan", help="predict memory, latency, throughput and cost of serving a model on given hardware",
+        description="Search quantization x tensor/pipeline parallel x replicas x batch x offload "
+                    "for a model on hardware, using the roofline model.")
+    parser.add_argument("model", help="a preset (llama-3.1-8b, ...), `default`, an HF directory or a .gguf")
+    parser.add_argument("--hardware", default="local",
+                        help="a preset (t4, l4, a10g, a100-40gb, a100-80gb, h100, h200, mi300x, cpu), "
+                             "`local` (run `roofline calibrate` first) or a .json/.yaml spec file")
+    parser.add_argument("--count", type=int, default=1, help="number of devices (default 1)")
+    parser.add_argument("--slo", help="latency target, e.g. ttft=500ms,tpot=50ms")
+    parser.add_argument("--objective", choices=[o.value for o in Objective], default="throughput")
+    parser.add_argument("--context", type=int, help=f"tokens per sequence, prompt + output (default {DEFAULT_CONTEXT})")
+    parser.add_argument("--output-len", type=int, default=DEFAULT_OUTPUT_LEN, help="output tokens per request")
+    parser.add_argument("--quant", help="weight formats to consider, comma-separated (e.g. bf16,int4)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most sequences per replica")
+    parser.add_argument("--no-offload", action="store_true", help="do not consider offloading to host RAM or disk")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP_K, help="plans to show")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", metavar="FILE.png", help="save a roofline chart of the best plan (needs matplotlib)")
+    overrides = parser.add_argument_group("hardware overrides (units allowed: 80GB, 3.35TB/s, 312T)")
+    overrides.add_argument("--memory", help="device memory")
+    overrides.add_argument("--bandwidth", help="device memory bandwidth")
+    overrides.add_argument("--flops", help="FLOP/s per dtype, e.g. bf16=312T,fp32=19.5T")
+    overrides.add_argument("--interconnect", help="device-to-device bandwidth per direction")
+    overrides.add_argument("--host-link", help="host-to-device bandwidth (PCIe)")
+    overrides.add_argument("--host-memory", help="host RAM available for offloading, per device")
+    overrides.add_argument("--disk-bandwidth", help="disk read bandwidth")
+    overrides.add_argument("--price", type=float, help="$ per device-hour")
+    parser.set_defaults(func=run_plan)
+    return parser
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `calibrate` on an argparse subparsers object; sets func=run_calibrate."""
+    parser = subparsers.add_parser(
+        "calibrate", help="measure this machine's bandwidth and FLOP/s for `--hardware local`",
+        description="Measure memory, GEMV, matmul, host-link and disk rates and save a profile.")
+    parser.add_argument("--output", type=Path, help=f"profile path (default {default_profile_path()})")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a few seconds, noisier")
+    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
+    parser.set_defaults(func=run_calibrate)
+    return parser
+
+
+def hardware_from_args(args: argparse.Namespace) -> HardwareSpec:
+    """The --hardware spec with any override flags applied."""
+    def quantity(flag: str) -> float | None:
+        value = getattr(args, flag)
+        return None if value is None else parse_quantity(value, f"--{flag.replace('_', '-')}")
+
+    flops = None
+    if args.flops:
+        flops = {}
+        for item in args.flops.split(","):
+            dtype, sep, rate = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--flops: cannot read {item!r}; write e.g. bf16=312T,fp32=19.5T")
+            flops[dtype.strip().lower()] = parse_quantity(rate, f"--flops {dtype}")
+    return with_overrides(load_hardware(args.hardware), {
+        "memory_bytes": quantity("memory"), "memory_bandwidth": quantity("bandwidth"), "flops": flops,
+        "interconnect_bandwidth": quantity("interconnect"), "host_link_bandwidth": quantity("host_link"),
+        "host_memory_bytes": quantity("host_memory"), "disk_bandwidth": quantity("disk_bandwidth"),
+        "usd_per_hour": args.price})
+
+
+def workload_from_args(args: argparse.Namespace, spec: ModelSpec) -> Workload:
+    """Prompt and output lengths from --context and --output-len, bounded by the model's context."""
+    context = args.context if args.context is not None else min(DEFAULT_CONTEXT, spec.max_context)
+    if context > spec.max_context:
+        raise ConfigError(f"--context {context} exceeds {spec.name}'s {spec.max_context} tokens")
+    output_len = min(args.output_len, context // 2)
+    if context < 2 or output_len < 1:
+        raise ConfigError("--context must be at least 2 tokens and --output-len at least 1")
+    return Workload(prompt_len=context - output_len, output_len=output_len)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`roofline plan`: search layouts and print a table (or JSON); 1 when no plan meets the SLO."""
+    try:
+        spec = load_model_spec(args.model)
+        hw = hardware_from_args(args)
+        quant = tuple(name.strip() for name in args.quant.split(",")) if args.quant else None
+        request = PlanRequest(workload=workload_from_args(args, spec), count=args.count,
+                              objective=Objective(args.objective), slo=parse_slo(args.slo),
+                              weight_formats=quant, max_batch=args.max_batch,
+                              allow_offload=not args.no_offload, top_k=args.top)
+        result = search(spec, hw, request)
+        if args.json:
+            print(json.dumps(report_json(spec, hw, request, result), indent=2))
+        else:
+            print(format_report(spec, hw, request, result))
+        if args.plot and result.plans:
+            plot_roofline(spec, hw, result.plans[0], request, args.plot)
+    except RooflineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK if result.plans and result.is_slo_met else EXIT_NO_PLAN
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """`roofline calibrate`: measure, save the profile and print what was measured."""
+    from roofline.planner.calibrate import calibrate
+
+    path = args.output or default_profile_path()
+    try:
+        profile = calibrate(is_quick=args.quick, disk_dir=path.parent)
+        save_profile(profile, path)
+    except (RooflineError, OSError) as error:
+        print(f"error: calibrate: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(path.read_text(), end="")
+        return EXIT_OK
+    flops = ", ".join(f"{dtype} {format_rate(rate, 'FLOP/s')}" for dtype, rate in profile.matmul_flops.items())
+    lines = [f"device        {profile.device} ({profile.num_threads} threads), {format_bytes(profile.memory_bytes)}",
+             f"memory read   {format_rate(profile.read_bandwidth, 'B/s')} (sum), "
+             f"copy {format_rate(profile.copy_bandwidth, 'B/s')} (read + write)",
+             f"GEMV          {format_rate(profile.gemv_bandwidth, 'B/s')} (batch-1 decode's ceiling; used as bandwidth)",
+             f"matmul        {flops}",
+             f"op overhead   {profile.op_overhead_s * 1e6:.1f} us per tiny op",
+             f"disk read     {format_rate(profile.disk_bandwidth, 'B/s')}"]
+    if profile.host_link_bandwidth is not None:
+        lines.append(f"host->device  {format_rate(profile.host_link_bandwidth, 'B/s')} (pinned)")
+    lines += [f"note          {note}" for note in profile.notes]
+    lines.append(f"saved         {path}  (use: roofline plan MODEL --hardware local)")
+    print("\n".join(lines))
+    return EXIT_OK

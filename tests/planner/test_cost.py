@@ -1,0 +1,98 @@
+"""Roofline step costs and predictions against hand arithmetic."""
+
+import dataclasses
+
+import pytest
+
+from roofline.planner.cost import arithmetic_intensity, crossover_batch, decode_stage_cost, prefill_cost
+from roofline.planner.formats import get_weight_format
+from roofline.planner.hardware import hardware_presets
+from roofline.planner.layout import Layout, Placement, Workload
+from roofline.planner.model_presets import model_presets
+from roofline.planner.predict import predict, predict_rates
+
+BF16 = get_weight_format("bf16")
+LLAMA_8B = model_presets()["llama-3.1-8b"]
+LLAMA_70B = model_presets()["llama-3.1-70b"]
+H100 = hardware_presets()["h100"]
+A100 = hardware_presets()["a100-40gb"]
+NO_OVERHEAD_H100 = dataclasses.replace(H100, layer_overhead_s=0.0)
+
+
+def test_crossover_batch_is_the_ridge_point_for_bf16():
+    a100 = dataclasses.replace(A100, memory_bandwidth=1.5e12)
+    crossover = crossover_batch(LLAMA_8B, a100, Layout(BF16, "bf16"))
+    assert crossover == pytest.approx(312e12 / 1.5e12, rel=0.02)  # ~208
+    # Long contexts add KV reads per sequence: the crossover moves out, or never comes.
+    assert crossover_batch(LLAMA_8B, a100, Layout(BF16, "bf16"), context=512) > crossover
+    assert crossover_batch(LLAMA_8B, a100, Layout(BF16, "bf16"), context=32768) is None
+
+
+def test_batch_one_decode_is_weight_reads():
+    step = decode_stage_cost(LLAMA_8B, NO_OVERHEAD_H100, Layout(BF16, "bf16"), batch=1, context=1)
+    read_bytes = LLAMA_8B.decode_read_params() * 2
+    assert step.time_s == pytest.approx(read_bytes / 3.35e12, rel=0.001)
+    assert step.bound == "memory" and step.dominant_term()[0] == "weight reads"
+    assert arithmetic_intensity(LLAMA_8B, Layout(BF16, "bf16"), 1, 1) == pytest.approx(1.0, rel=0.01)
+
+
+def test_large_batch_decode_is_compute_bound():
+    step = decode_stage_cost(LLAMA_8B, NO_OVERHEAD_H100, Layout(BF16, "bf16"), batch=2048, context=1)
+    assert step.bound == "compute"
+    assert step.compute_s == pytest.approx(2048 * LLAMA_8B.decode_flops_per_token(1) / 989e12)
+
+
+def test_tensor_parallel_divides_reads_and_adds_communication():
+    one = decode_stage_cost(LLAMA_70B, H100, Layout(BF16, "bf16", tp=1), 8, 2048)
+    four = decode_stage_cost(LLAMA_70B, H100, Layout(BF16, "bf16", tp=4), 8, 2048)
+    assert four.weight_read_s == pytest.approx(one.weight_read_s / 4, rel=0.01)
+    assert one.comm_s == 0 and four.comm_s > 0
+    # 2 all-reduces x 80 layers x (latency + 2*3/4 * 8*8192*2 bytes / 450 GB/s)
+    expected = 2 * 80 * (8e-6 + 1.5 * 8 * 8192 * 2 / 450e9)
+    assert four.comm_s == pytest.approx(expected)
+
+
+def test_prefill_is_compute_bound_and_quadratic_in_attention():
+    step = prefill_cost(LLAMA_8B, H100, Layout(BF16, "bf16"), 1, 4096)
+    assert step.bound == "compute"
+    assert step.compute_s == pytest.approx(LLAMA_8B.prefill_flops(4096) / 989e12)
+
+
+def test_offloaded_weights_stream_over_the_host_link():
+    placement = Placement(weights_on_device=0.0, weights_on_host=1.0)
+    step = decode_stage_cost(LLAMA_70B, H100, Layout(BF16, "bf16", placement=placement), 64, 1024)
+    assert step.bound == "transfer"
+    assert step.host_link_s == pytest.approx(LLAMA_70B.decode_read_params() * 2 / 64e9, rel=0.001)
+    disk = Placement(weights_on_device=0.5, weights_on_disk=0.5)
+    disk_step = decode_stage_cost(LLAMA_70B, H100, Layout(BF16, "bf16", placement=disk), 64, 1024)
+    assert disk_step.disk_s == pytest.approx(LLAMA_70B.decode_read_params() / 2e9, rel=0.001)
+
+
+def test_prediction_rates_and_price():
+    workload = Workload(prompt_len=1024, output_len=256)
+    layout = Layout(BF16, "bf16", tp=4, replicas=2)
+    p = predict(LLAMA_70B, H100, layout, workload, batch=16)
+    assert p.decode_tok_s == pytest.approx(2 * 16 / p.tpot_s)
+    assert p.throughput_tok_s < p.decode_tok_s  # prefill time is amortized in
+    assert p.usd_per_mtok == pytest.approx(8 * 4.50 / 3600 / p.throughput_tok_s * 1e6)
+    assert p.ttft_s == pytest.approx(p.prefill_s + p.tpot_s)
+
+
+def test_pipeline_parallel_tpot_visits_every_stage():
+    workload = Workload(prompt_len=1024, output_len=256)
+    one = predict(LLAMA_70B, H100, Layout(BF16, "bf16", tp=2), workload, batch=1)
+    two = predict(LLAMA_70B, H100, Layout(BF16, "bf16", tp=2, pp=2), workload, batch=1)
+    assert two.tpot_s == pytest.approx(one.tpot_s, rel=0.1)  # same weights read, one stage at a time
+
+
+def test_predict_rates_for_the_default_model_on_a_cpu():
+    cpu = dataclasses.replace(hardware_presets()["cpu"], memory_bandwidth=12.7e9,
+                              flops={"fp32": 1e11}, layer_overhead_s=0.0)
+    spec = model_presets()["smollm2-135m"]
+    rates = predict_rates(spec, cpu, batch=1, prompt_len=128)
+    assert rates.decode_bound == "memory"
+    kv_bytes = 128 * spec.kv_bytes_per_token(4)
+    assert rates.decode_tok_s == pytest.approx(12.7e9 / (spec.decode_read_params() * 4 + kv_bytes), rel=0.001)
+    assert rates.prefill_bound == "compute"
+    batched = predict_rates(spec, cpu, batch=64, prompt_len=128)
+    assert batched.decode_tok_s > 10 * rates.decode_tok_s  # weights are read once per step

@@ -1,0 +1,332 @@
+"""Scheduler driven by a fake runner: budgets, order, chunked prefill, preemption (recompute and swap), forks.
+
+The fake runner stands in for the model: it keeps one token id per KV slot, writes each scheduled token
+at the slot its block table gives, reads every context back through the block tables (so a wrong table,
+a missed copy or a lost swap shows as corrupted context), and "samples" a token that is a deterministic
+function of that context. Output must therefore match a plain reference loop, however it was scheduled.
+"""
+
+from __future__ import annotations
+
+from roofline.config import SchedulerConfig
+from roofline.engine.kv_cache import KVCacheManager
+from roofline.engine.request import Request, RequestStatus
+from roofline.engine.scheduler import Scheduler, SchedulerOutput
+from roofline.sampling_params import SamplingParams
+
+BS = 4
+VOCAB = 1000
+
+
+def next_token(context: list[int], sample_index: int) -> int:
+    """The fake model: a deterministic function of the context (and of which sample this is)."""
+    return (sum((i + 1) * t for i, t in enumerate(context)) * 31 + 17 * sample_index) % VOCAB
+
+
+def reference(prompt: list[int], max_tokens: int, sample_index: int = 0) -> list[int]:
+    """What any correct schedule must produce."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens, sample_index))
+    return tokens[len(prompt):]
+
+
+class FakeRunner:
+    """Token ids in place of K/V tensors; block copies and swaps applied as the real runner orders them."""
+
+    def __init__(self, kv: KVCacheManager, num_swap_blocks: int = 0) -> None:
+        self.kv = kv
+        self.cache: list[int | None] = [None] * (kv.num_blocks * kv.block_size)
+        self.swap: list[int | None] = [None] * (num_swap_blocks * kv.block_size)
+
+    def _copy_block(self, src: list, s: int, dst: list, d: int) -> None:
+        bs = self.kv.block_size
+        dst[d * bs:(d + 1) * bs] = src[s * bs:(s + 1) * bs]
+
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        for s, d in out.block_copies:
+            self._copy_block(self.cache, s, self.cache, d)
+        for d, s in out.swap_out:
+            self._copy_block(self.cache, d, self.swap, s)
+        for s, d in out.swap_in:
+            self._copy_block(self.swap, s, self.cache, d)
+        # every new token is written before any context is read, as attention does in each layer
+        for item in out.scheduled:
+            r = item.request
+            for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens):
+                self.cache[self.kv.slot(r.request_id, p)] = r.all_token_ids[p]
+        sampled = {}
+        for item in out.scheduled:
+            r = item.request
+            end = r.num_computed_tokens + item.num_new_tokens
+            context = [self.cache[self.kv.slot(r.request_id, p)] for p in range(end)]
+            assert context == r.all_token_ids[:end], f"KV of {r.request_id} corrupted"
+            if item.completes_sequence:
+                for x in [r, *item.fork_children]:
+                    sampled[x.request_id] = next_token(context, x.sample_index)
+        return sampled
+
+
+def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
+                   num_swap_blocks: int = 0, policy=None, prefix_caching: bool = True):
+    kv = KVCacheManager(num_blocks, BS, prefix_caching, num_swap_blocks)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    sched = Scheduler(config, 1024, kv, policy) if policy else Scheduler(config, 1024, kv)
+    return sched, FakeRunner(kv, num_swap_blocks)
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int, priority: int = 0, arrival: float = 0.0,
+                 sample_index: int = 0, parent_id: str | None = None) -> Request:
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens), max_tokens, [], priority=priority,
+                   arrival_time=arrival, sample_index=sample_index, parent_id=parent_id)
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % VOCAB for i in range(length)]
+
+
+def step(sched: Scheduler, runner: FakeRunner) -> SchedulerOutput:
+    """One engine step: schedule, run, update, finish what reached max_tokens."""
+    out = sched.schedule()
+    sampled = runner.execute(out)
+    sched.update_from_output(out, sampled)
+    for item in out.scheduled:
+        for r in [item.request, *item.fork_children]:
+            if r.request_id in sampled and r.num_output_tokens >= r.max_tokens:
+                sched.finish(r, RequestStatus.FINISHED_LENGTH)
+    return out
+
+
+def run_all(sched: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> list[SchedulerOutput]:
+    outs = []
+    while sched.num_unfinished:
+        outs.append(step(sched, runner))
+        assert len(outs) < max_steps, "the scheduler made no progress"
+    return outs
+
+
+def assert_idle(sched: Scheduler) -> None:
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert not sched.kv.block_tables and not sched.kv.swap_tables
+
+
+def test_budget_and_max_num_seqs_are_respected():
+    sched, runner = make_scheduler(max_num_seqs=4, max_num_batched_tokens=32)
+    requests = [make_request(f"r{i}", prompt_of(5 + 9 * i, i), 4 + i % 5, arrival=i) for i in range(12)]
+    for r in requests:
+        sched.add_request(r)
+    outs = run_all(sched, runner)
+    for out in outs:
+        assert out.num_batched_tokens <= 32
+        assert len(out.scheduled) <= 4
+        assert all(s.num_new_tokens >= 1 for s in out.scheduled)
+    assert max(o.num_batched_tokens for o in outs) == 32  # long prompts fill the budget
+    for r in requests:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+        assert r.status == RequestStatus.FINISHED_LENGTH
+    assert_idle(sched)
+
+
+def test_running_requests_are_scheduled_before_waiting_ones():
+    sched, runner = make_scheduler(max_num_batched_tokens=3)
+    decoders = [make_request(f"d{i}", prompt_of(2, i), 50, arrival=i) for i in range(3)]
+    for r in decoders:
+        sched.add_request(r)
+    step(sched, runner)  # three 2-token prompts would need 6 tokens: only the first fits
+    step(sched, runner)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in decoders):
+        step(sched, runner)
+    late = make_request("late", prompt_of(20, 9), 5, priority=-1, arrival=10)  # even a higher priority waits
+    sched.add_request(late)
+    for _ in range(3):
+        out = step(sched, runner)
+        assert [s.request.request_id for s in out.scheduled] == ["d0", "d1", "d2"]
+        assert all(s.num_new_tokens == 1 for s in out.scheduled)
+    assert late.num_computed_tokens == 0 and late.status == RequestStatus.WAITING
+    sched.config.max_num_batched_tokens = 8
+    out = step(sched, runner)
+    assert [s.request.request_id for s in out.scheduled] == ["d0", "d1", "d2", "late"]
+    assert out.scheduled[-1].num_new_tokens == 5
+
+
+def test_waiting_requests_start_in_priority_then_arrival_order():
+    sched, runner = make_scheduler(max_num_seqs=1)
+    specs = [("low", 2, 0.0), ("first", 0, 1.0), ("mid", 1, 2.0), ("second", 0, 3.0)]
+    for rid, priority, arrival in specs:
+        sched.add_request(make_request(rid, prompt_of(3, len(rid)), 2, priority=priority, arrival=arrival))
+    started = []
+    for out in run_all(sched, runner):
+        for s in out.scheduled:
+            if s.request.request_id not in started:
+                started.append(s.request.request_id)
+    assert started == ["first", "second", "mid", "low"]
+
+
+def test_long_prompt_is_chunked_while_others_decode():
+    sched, runner = make_scheduler(max_num_batched_tokens=16)
+    decoders = [make_request(f"d{i}", prompt_of(3, i), 40, arrival=i) for i in range(2)]
+    for r in decoders:
+        sched.add_request(r)
+    step(sched, runner)
+    assert all(r.num_output_tokens == 1 for r in decoders)
+    long = make_request("long", prompt_of(100, 5), 3, arrival=5)
+    sched.add_request(long)
+    num_chunks = 0
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        before = [r.num_output_tokens for r in decoders]
+        out = step(sched, runner)
+        by_id = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+        assert by_id["d0"] == by_id["d1"] == 1  # decodes never stall behind the prompt
+        assert by_id["long"] == min(14, 100 - 14 * num_chunks)
+        assert [r.num_output_tokens for r in decoders] == [b + 1 for b in before]
+        num_chunks += 1
+        if long.num_computed_tokens < long.num_prompt_tokens:
+            assert long.num_output_tokens == 0  # no token is sampled from a partial prompt
+    assert num_chunks == 8  # ceil(100 / 14)
+    assert long.num_output_tokens == 1
+    run_all(sched, runner)
+    for r in [*decoders, long]:
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+    assert_idle(sched)
+
+
+def _preemption_workload(sched: Scheduler) -> list[Request]:
+    requests = [make_request(f"r{i}", prompt_of(6 + i, i), 14, arrival=i) for i in range(5)]
+    for r in requests:
+        sched.add_request(r)
+    return requests
+
+
+def test_recompute_preemption_frees_blocks_and_loses_nothing():
+    sched, runner = make_scheduler(num_blocks=12, max_num_batched_tokens=64)  # 48 token slots for ~100 tokens
+    requests = _preemption_workload(sched)
+    saw_preemption = False
+    while sched.num_unfinished:
+        out = step(sched, runner)
+        for rid in out.preempted_ids:
+            saw_preemption = True
+            victim = next(r for r in requests if r.request_id == rid)
+            assert victim.num_computed_tokens == 0 and victim in sched.waiting
+            assert rid not in sched.kv.block_tables
+            assert rid not in [s.request.request_id for s in out.scheduled]
+    assert saw_preemption and sched.num_preemptions > 0 and sched.num_swaps == 0
+    for r in requests:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+    assert_idle(sched)
+
+
+def test_swap_preemption_keeps_progress_and_loses_nothing():
+    sched, runner = make_scheduler(num_blocks=12, num_swap_blocks=32, policy=lambda r: "swap")
+    requests = _preemption_workload(sched)
+    saw_swap_in = False
+    while sched.num_unfinished:
+        progress = {r.request_id: r.num_computed_tokens for r in requests}
+        out = step(sched, runner)
+        saw_swap_in |= bool(out.swap_in)
+        for rid in out.preempted_ids:
+            victim = next(r for r in requests if r.request_id == rid)
+            assert victim.is_swapped and victim.num_computed_tokens == progress[rid]
+            assert rid in sched.kv.swap_tables
+    assert sched.num_swaps > 0 and sched.num_swaps == sched.num_preemptions and saw_swap_in
+    for r in requests:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+    assert_idle(sched)
+    assert len(sched.kv.free_swap_blocks) == 32
+
+
+def test_swap_without_room_falls_back_to_recompute():
+    sched, runner = make_scheduler(num_blocks=12, num_swap_blocks=1, policy=lambda r: "swap")
+    requests = _preemption_workload(sched)
+    run_all(sched, runner)
+    assert sched.num_preemptions > sched.num_swaps
+    for r in requests:
+        assert r.output_token_ids == reference(r.prompt_token_ids, 14)
+    assert_idle(sched)
+
+
+def test_lowest_priority_running_request_is_preempted_first():
+    sched, runner = make_scheduler(num_blocks=8, max_num_batched_tokens=64)
+    important = make_request("important", prompt_of(7, 1), 20, priority=0, arrival=5)
+    casual = make_request("casual", prompt_of(7, 2), 20, priority=3, arrival=0)
+    sched.add_request(casual)
+    sched.add_request(important)
+    preempted = []
+    while sched.num_unfinished:
+        preempted += step(sched, runner).preempted_ids
+    assert preempted and set(preempted) == {"casual"}
+    assert important.output_token_ids == reference(important.prompt_token_ids, 20)
+    assert casual.output_token_ids == reference(casual.prompt_token_ids, 20)
+
+
+def _parent_with_children(n: int, prompt_len: int, max_tokens: int) -> tuple[Request, list[Request]]:
+    prompt = prompt_of(prompt_len, 3)
+    parent = make_request("g#0", prompt, max_tokens)
+    children = [make_request(f"g#{i}", prompt, max_tokens, sample_index=i, parent_id="g") for i in range(1, n)]
+    return parent, children
+
+
+def test_forked_children_share_the_prompt_copy_on_write():
+    sched, runner = make_scheduler()
+    parent, children = _parent_with_children(3, 10, 6)  # 2 full blocks + 2 tokens
+    sched.add_request(parent)
+    sched.add_children(parent, children)
+    out = step(sched, runner)
+    assert [c.request_id for c in out.scheduled[0].fork_children] == ["g#1", "g#2"]
+    assert all(c.status == RequestStatus.RUNNING and c in sched.running for c in children)
+    assert all(len(x.output_token_ids) == 1 for x in [parent, *children])
+    tables = [sched.kv.block_tables[x.request_id] for x in [parent, *children]]
+    assert tables[1][:2] == tables[2][:2] == tables[0][:2]
+    assert [sched.kv.pool.ref_counts[b] for b in tables[0][:2]] == [3, 3]
+    assert len({t[2] for t in tables}) == 3  # each sample has its own copy of the partial block
+    out = step(sched, runner)
+    assert sorted(out.block_copies) == sorted((tables[0][2], t[2]) for t in tables[1:])
+    run_all(sched, runner)
+    outputs = [x.output_token_ids for x in [parent, *children]]
+    assert outputs == [reference(parent.prompt_token_ids, 6, i) for i in range(3)]
+    assert len({tuple(o) for o in outputs}) == 3
+    assert_idle(sched)
+
+
+def test_children_run_as_ordinary_requests_when_there_is_no_room_to_fork():
+    sched, runner = make_scheduler(max_num_seqs=1)
+    parent, children = _parent_with_children(3, 9, 4)
+    sched.add_request(parent)
+    sched.add_children(parent, children)
+    out = step(sched, runner)
+    assert out.scheduled[0].fork_children == []
+    assert all(c in sched.waiting for c in children)
+    run_all(sched, runner)
+    assert [x.output_token_ids for x in [parent, *children]] == [reference(parent.prompt_token_ids, 4, i)
+                                                                  for i in range(3)]
+    assert sched.kv.stats.hit_tokens > 0  # the children found the parent's prompt in the prefix cache
+    assert_idle(sched)
+
+
+def test_forks_survive_preemption():
+    sched, runner = make_scheduler(num_blocks=10, num_swap_blocks=16, policy=lambda r: "swap")
+    parent, children = _parent_with_children(4, 9, 12)
+    sched.add_request(parent)
+    sched.add_children(parent, children)
+    other = make_request("other", prompt_of(8, 7), 12, arrival=1)
+    sched.add_request(other)
+    run_all(sched, runner)
+    assert sched.num_preemptions > 0
+    assert [x.output_token_ids for x in [parent, *children]] == [reference(parent.prompt_token_ids, 12, i)
+                                                                  for i in range(4)]
+    assert other.output_token_ids == reference(other.prompt_token_ids, 12)
+    assert_idle(sched)
+
+
+def test_finish_frees_blocks_at_once_and_requeues_unforked_children():
+    sched, runner = make_scheduler(max_num_batched_tokens=4)
+    parent, children = _parent_with_children(2, 12, 4)
+    sched.add_request(parent)
+    sched.add_children(parent, children)
+    step(sched, runner)  # first chunk of the prompt: children not forked yet
+    assert sched.kv.num_free_blocks < sched.kv.num_blocks
+    sched.finish(parent, RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert children[0] in sched.waiting and children[0].parent_id is None
+    run_all(sched, runner)
+    assert children[0].output_token_ids == reference(parent.prompt_token_ids, 4, 1)
+    assert_idle(sched)

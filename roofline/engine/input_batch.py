@@ -33,9 +33,9 @@ class InputBatch:
     items: list[ScheduledRequest]  # in flat-batch order
 
 
-def _slots(table: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
-    blocks = torch.tensor(table[:-(-num_tokens // block_size)], dtype=torch.long)
-    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of positions [start, end) given the block table."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def build_input_batch(out: SchedulerOutput, kv: KVCacheManager, device: torch.device) -> InputBatch:
@@ -46,9 +46,10 @@ def build_input_batch(out: SchedulerOutput, kv: KVCacheManager, device: torch.de
     num_decodes = sum(is_decode)
     ids: list[int] = []
     positions: list[int] = []
-    slot_parts: list[torch.Tensor] = []
+    slots: list[int] = []
     logits_rows: list[LogitsRow] = []
-    decode_tables: list[torch.Tensor] = []
+    decode_tables: list[list[int]] = []
+    decode_lengths: list[int] = []
     prefills: list[PrefillChunk] = []
     for idx, item in enumerate(items):
         r = item.request
@@ -56,18 +57,18 @@ def build_input_batch(out: SchedulerOutput, kv: KVCacheManager, device: torch.de
         row0 = len(ids)
         ids.extend(r.all_token_ids[start:end])
         positions.extend(range(start, end))
-        context = _slots(kv.block_tables[r.request_id], end, bs)  # [end]
-        slot_parts.append(context[start:end])
+        table = kv.block_tables[r.request_id][: -(-end // bs)]
+        slots.extend(_slots(table, start, end, bs))
         if idx < num_decodes:
-            decode_tables.append(context)
+            decode_tables.append(table)
+            decode_lengths.append(end)
         else:
-            cached = start > 0
-            mask = None
-            if cached:
+            block_table = mask = None
+            if start > 0:  # part of the context is cached: attend through the block table
                 q_pos = torch.arange(start, end)[:, None]
-                mask = torch.arange(end)[None, :] <= q_pos  # [L, C]
-            prefills.append(PrefillChunk(row0, end - start, end, context.to(device) if cached else None,
-                                         mask.to(device) if mask is not None else None))
+                mask = (torch.arange(len(table) * bs)[None, :] <= q_pos).to(device)  # [L, nb * bs]
+                block_table = torch.tensor(table, dtype=torch.long, device=device)
+            prefills.append(PrefillChunk(row0, end - start, end, block_table, mask))
         if r.wants_prompt_logprobs:
             # row at position p predicts prompt token p + 1; skip positions already reported
             first = max(start, len(r.prompt_logprobs) - 1)
@@ -77,19 +78,16 @@ def build_input_batch(out: SchedulerOutput, kv: KVCacheManager, device: torch.de
             logits_rows.append(LogitsRow(row0 + end - 1 - start, item, end - 1, True, None))
     decode_table = decode_mask = None
     if decode_tables:
-        lengths = [t.numel() for t in decode_tables]
-        max_len = max(lengths)
-        decode_table = torch.zeros(len(decode_tables), max_len, dtype=torch.long)
-        for i, t in enumerate(decode_tables):
-            decode_table[i, :t.numel()] = t
-        if min(lengths) != max_len:
-            decode_mask = (torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
-            decode_mask = decode_mask.to(device)
-        decode_table = decode_table.to(device)
+        max_blocks = max(len(t) for t in decode_tables)
+        decode_table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                                    dtype=torch.long, device=device)
+        if any(n != max_blocks * bs for n in decode_lengths):
+            lengths = torch.tensor(decode_lengths)[:, None]
+            decode_mask = (torch.arange(max_blocks * bs)[None, :] < lengths)[:, None, None, :].to(device)
     attn = AttentionMetadata(
-        slot_mapping=torch.cat(slot_parts).to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decode_tokens=num_decodes,
-        decode_slot_table=decode_table,
+        decode_block_table=decode_table,
         decode_mask=decode_mask,
         prefills=prefills,
     )

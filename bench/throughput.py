@@ -85,7 +85,7 @@ def bench_llama_cpp(path: str, prompts: list[list[int]], gen_len: int, concurren
         import llama_cpp
     except ImportError:
         return None
-    from bench.llama_cpp_batch import run_batched  # noqa: WPS433 (optional helper next to this script)
+    from llama_cpp_batch import run_batched  # next to this script
 
     return run_batched(llama_cpp, path, prompts, gen_len, concurrency, torch.get_num_threads())
 

@@ -1,0 +1,49 @@
+"""The command line end to end on the default model."""
+
+import json
+
+import pytest
+
+from roofline import __version__
+from roofline.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_generate_chat_answers_paris(capsys):
+    rc = main(["generate", "--model", "default", "--chat", "--prompt", "What is the capital of France?",
+               "--temperature", "0", "--max-tokens", "16", "--kv-cache-memory", "64MiB"])
+    assert rc == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_generate_json_with_logprobs(capsys):
+    rc = main(["generate", "--prompt", "The sky is", "--temperature", "0", "--max-tokens", "4",
+               "--logprobs", "2", "--json", "--kv-cache-memory", "64MiB"])
+    assert rc == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["token_ids"]) == len(record["logprobs"]) == 4
+    for tid, entry in zip(record["token_ids"], record["logprobs"]):
+        chosen = entry[str(tid)]
+        assert chosen["logprob"] <= 0
+        assert chosen["rank"] == 1  # greedy picks the most likely token of the raw distribution
+        assert 2 <= len(entry) <= 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/model", "--prompt", "hi"], "not found"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert "Traceback" not in err

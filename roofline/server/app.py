@@ -1,0 +1,143 @@
+"""create_app: the FastAPI app. Handlers parse, hand the request to the engine, and shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from roofline import __version__
+from roofline.engine.async_engine import AsyncEngine
+from roofline.server.chat import chat_events, chat_response, plan_chat
+from roofline.server.completions import completion_events, completion_response, plan_completion
+from roofline.server.config import ServerConfig
+from roofline.server.context import ServingContext
+from roofline.server.errors import APIError, install_error_handlers
+from roofline.server.generation import GenerationStream
+from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
+from roofline.server.middleware import GuardMiddleware
+from roofline.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
+
+M = TypeVar("M", bound=BaseModel)
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only ever seen in metrics
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body as `model`; anything malformed is a 400 that says what was wrong."""
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = ".".join(str(x) for x in err["loc"] if isinstance(x, int) or (x.isidentifier() and x not in _TYPE_TAGS))
+        raise APIError(400, f"{param or 'body'}: {err['msg']}", code="invalid_value", param=param or None) from None
+    try:  # JSON may smuggle in lone surrogates ("\ud800"), which no tokenizer accepts
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request contains an invalid Unicode string (a lone surrogate escape)",
+                       code="invalid_value") from None
+    return parsed
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+async def _respond(request: Request, stream: GenerationStream, is_streaming: bool,
+                   body: Callable[[], BaseModel], events: Callable[[], AsyncIterator[bytes]]) -> Response:
+    """Run a generation; stop it as soon as the client disconnects, streaming or not."""
+    await stream.__aenter__()
+    try:
+        # a stream starts only once every prompt produced its first token, so input errors still get a status
+        await until_disconnected(request.receive, stream.wait_started() if is_streaming else stream.final())
+    except ClientGone:
+        await stream.aclose()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if not is_streaming:
+        await stream.aclose()
+        return _json(body())
+    return EventStreamResponse(events(), on_close=stream.aclose)
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The OpenAI-compatible app over a running AsyncEngine (which the caller owns and shuts down)."""
+    metrics = ServerMetrics(engine)
+    ctx = ServingContext(engine, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        sampler = asyncio.create_task(metrics.sample_batch_size())
+        try:
+            yield
+        finally:
+            sampler.cancel()
+
+    app = FastAPI(title="roofline", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        plan = plan_completion(req, ctx)
+        return await _respond(request, plan.stream, req.stream, lambda: completion_response(plan, ctx),
+                              lambda: completion_events(plan, ctx))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        plan = await plan_chat(req, ctx)
+        return await _respond(request, plan.stream, req.stream, lambda: chat_response(plan, ctx),
+                              lambda: chat_events(plan, ctx))
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card = ModelCard(id=config.model_name, created=config.created, max_model_len=ctx.max_model_len)
+        return _json(ModelList(data=[card]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Response:
+        if model_id != config.model_name and model_id not in config.model_aliases:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                           code="model_not_found", param="model")
+        return _json(ModelCard(id=config.model_name, created=config.created, max_model_len=ctx.max_model_len))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if ctx.drain.is_draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    app.add_middleware(GuardMiddleware, ctx=ctx, routes=routes)
+    return app

@@ -1,0 +1,151 @@
+"""`roofline serve`: load the model, start the engine thread, and run the app under uvicorn with draining."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+from roofline.server.context import DrainState
+
+logger = logging.getLogger("roofline.server")
+
+DEFAULT_MAX_QUEUE = 256
+_GRACE_AFTER_DRAIN_S = 2.0  # uvicorn's own wait for connections once the drain is over
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM or SIGINT drains instead of stopping.
+
+    Draining: new API requests get 503, /health reports "draining", in-flight requests run to the end
+    (up to `drain_timeout_s`), then the server stops and the process exits 0. A second signal stops at
+    once. uvicorn's default would re-raise the signal after shutdown, so the exit status would not be 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: start draining; second: stop now."""
+        if self.drain_deadline is None:
+            self.drain.is_draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout_s
+            logger.warning("%s: draining %d request(s) in flight (up to %.0f s); signal again to stop now",
+                           signal.Signals(sig).name, self.drain.num_in_flight, self.drain_timeout_s)
+        else:
+            self.should_exit = True
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        """Stop once the drain is over: nothing in flight, or the timeout passed."""
+        if self.drain_deadline is not None and not self.should_exit:
+            if self.drain.num_in_flight == 0:
+                self.should_exit = True
+            elif time.monotonic() >= self.drain_deadline:
+                logger.warning("drain timeout: cancelling %d request(s) still in flight", self.drain.num_in_flight)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def served_model_name(model: str) -> str:
+    """The id clients see: the default model's name for "default", else the --model value as given."""
+    if model == "default":
+        from roofline.loaders import DEFAULT_MODEL_FILE
+
+        return DEFAULT_MODEL_FILE.split(".")[0]
+    return model
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535] (0: any free port), got {port}")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and exit 0."""
+    from roofline.cli import _make_llm
+    from roofline.engine.async_engine import AsyncEngine
+    from roofline.server.app import create_app
+    from roofline.server.config import ServerConfig
+
+    keys = list(args.api_key)
+    if os.environ.get("ROOFLINE_API_KEY"):
+        keys.append(os.environ["ROOFLINE_API_KEY"])
+    config = ServerConfig(model_name=args.served_model_name or served_model_name(args.model),
+                          model_aliases=("default", args.model), api_keys=tuple(keys),
+                          max_body_bytes=args.max_body_size, drain_timeout_s=args.drain_timeout)
+    if not keys and not _is_loopback(args.host):
+        logger.warning("listening on %s with no API key: anyone who can reach it may use it "
+                       "(set --api-key or $ROOFLINE_API_KEY)", args.host)
+    llm = _make_llm(args)
+    engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+    try:
+        app = create_app(engine, config)
+        uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S, access_log=args.access_log)
+        server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout)
+        print(f"roofline: serving {config.model_name} on http://{args.host}:{args.port}/v1 "
+              f"(context {llm.engine.max_model_len} tokens)", flush=True)
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def add_serve_parser(subparsers) -> None:
+    """Register `serve` on the CLI's subparsers."""
+    from roofline.cli import _add_engine_args, _parse_bytes
+    from roofline.server.config import DEFAULT_MAX_BODY_BYTES
+
+    p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                              description="Serve the OpenAI-compatible HTTP API (/v1/completions, "
+                                          "/v1/chat/completions, /v1/models, /health, /metrics).")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this bearer key on /v1 (repeatable; also $ROOFLINE_API_KEY); none: no auth")
+    p.add_argument("--max-queue", type=_count, default=DEFAULT_MAX_QUEUE,
+                   help=f"requests allowed to wait; more get 429 (default {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in responses (default: the --model value; 'default' -> the model's name)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM (default 30)")
+    p.add_argument("--max-body-size", type=_parse_bytes, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body, e.g. 4MiB (default)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)

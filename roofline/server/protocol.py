@@ -1,0 +1,289 @@
+"""OpenAI-shaped request and response models (pydantic), plus roofline's documented extension fields.
+
+Requests ignore fields they do not know (clients send many optional ones), but reject the ones they
+know and cannot honour (tools, logit_bias, ...) rather than silently doing something else.
+Extension fields roofline adds to responses are left out of the JSON when they are unset, so a
+response without them is field for field what OpenAI sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+MAX_STOP_STRINGS = 16
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (practically) zero probability
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    """`stream_options`: whether the last SSE chunk carries the usage."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """Sampling fields common to both generation routes (OpenAI's, then roofline's extensions)."""
+
+    model: str | None = None  # optional here: the server serves one model
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # accepted only when empty
+    # roofline extensions (vLLM users know these names)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first
+    processed_logprobs: bool = False  # also return each chosen token's logprob after sampling transforms
+
+    def stop_list(self) -> list[str]:
+        """`stop` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        """True when the stream should end with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # null: up to the context limit; 0 only with echo
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+
+class TextPart(_Request):
+    """One part of a message's content; only text parts are supported."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    """One message of a conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None  # accepted only when empty
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    """A response model; fields named in `_omit_if_none` (roofline extensions) vanish when None."""
+
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extensions(self, handler):
+        data = handler(self)
+        for key in self._omit_if_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class UsageDetails(_Response):
+    """`usage.prompt_tokens_details`."""
+
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class Usage(_Response):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: UsageDetails | None = None
+
+
+class CompletionLogprobs(_Response):
+    """Logprobs of a /v1/completions choice (OpenAI's legacy shape)."""
+
+    _omit_if_none = frozenset({"processed_token_logprobs"})
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+    processed_token_logprobs: list[float | None] | None = None  # roofline extension
+
+
+class CompletionChoice(_Response):
+    """One choice of a completion (or of a streamed chunk)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(_Response):
+    """A /v1/completions response or SSE chunk (both have object "text_completion")."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class TopLogprob(_Response):
+    """One alternative in a chat logprob entry."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(_Response):
+    """Logprob of one generated token in a chat choice."""
+
+    _omit_if_none = frozenset({"processed_logprob"})
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    processed_logprob: float | None = None  # roofline extension
+
+
+class ChatLogprobs(_Response):
+    """`choices[].logprobs` of a chat completion."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(_Response):
+    """The assistant's message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatChoice(_Response):
+    """One choice of a chat completion."""
+
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(_Response):
+    """A non-streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(_Response):
+    """What a streamed chunk adds to a choice's message."""
+
+    _omit_if_none = frozenset({"role", "content", "refusal"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatStreamChoice(_Response):
+    """One choice in a chat SSE chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """A chat SSE chunk."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    """One entry of GET /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "roofline"
+    max_model_len: int | None = None  # roofline extension: the context limit
+
+
+class ModelList(_Response):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Response):
+    """The body of OpenAI's error JSON."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo

@@ -101,17 +101,15 @@ class ModelRunner:
         """Preallocate per-layer K/V block tensors on the device, and swap space in CPU memory."""
         c = self.model_config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        # empty, not zeros: pages are touched only when used. Block 0 is zeroed because padded decode
-        # rows read slot 0 under a mask, and masked garbage could still be NaN.
-        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                           torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
-        for k, v in self.kv_caches:
-            k[0].zero_()
-            v[0].zero_()
+        # zeros, not empty: attention reads whole blocks and masks the unwritten tail of the last one (and
+        # padding blocks), but a masked NaN still poisons softmax(QK^T)V, and uninitialised memory (reused
+        # heap or allocator cache) does hold NaN bit patterns. Swap space too: swap-in copies whole blocks.
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
         swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, c.head_dim)
         pin = self.device.type == "cuda"
-        self.swap_caches = [(torch.empty(swap_shape, dtype=self.dtype, pin_memory=pin),
-                             torch.empty(swap_shape, dtype=self.dtype, pin_memory=pin))
+        self.swap_caches = [(torch.zeros(swap_shape, dtype=self.dtype, pin_memory=pin),
+                             torch.zeros(swap_shape, dtype=self.dtype, pin_memory=pin))
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
 

@@ -12,7 +12,10 @@ import tracemalloc
 
 import psutil
 import pytest
+import torch
 
+from roofline.config import ModelConfig
+from roofline.engine.model_runner import ModelRunner
 from roofline.llm import LLM
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
@@ -259,3 +262,17 @@ def test_a_thousand_queued_requests_stay_within_bookkeeping_memory(llm: LLM):
     assert process.memory_info().rss - rss_before < kv_bytes + (50 << 20)
     engine.abort([f"q{i}" for i in range(1000)])
     assert_idle(llm)
+
+
+def test_fresh_kv_cache_and_swap_space_hold_no_garbage(monkeypatch):
+    """Attention reads whole blocks and masks unwritten slots, but a masked NaN still poisons its output."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    config = ModelConfig("llama", vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=4, max_position_embeddings=64)
+    runner = ModelRunner(torch.nn.Identity(), config, torch.device("cpu"), torch.float32)
+    runner.allocate_kv_cache(num_blocks=4, block_size=16, num_swap_blocks=3)
+    monkeypatch.undo()
+    assert len(runner.kv_caches) == len(runner.swap_caches) == 2
+    for k, v in runner.kv_caches + runner.swap_caches:
+        assert torch.isfinite(k).all() and torch.isfinite(v).all()

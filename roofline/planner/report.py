@@ -16,6 +16,7 @@ from roofline.planner.units import format_bytes, format_rate, format_seconds
 
 KIB = 1024
 PLOT_POINTS = 48  # batch sizes sampled for the chart
+PLOT_MAX_BATCH = 1 << 14  # widest batch axis of the chart
 
 
 def _half_format(hw: HardwareSpec) -> str:
@@ -120,7 +121,9 @@ def plot_roofline(spec: ModelSpec, hw: HardwareSpec, plan: Plan, request: PlanRe
     except ImportError:
         raise ConfigError("--plot needs matplotlib: `pip install matplotlib`") from None
     layout, context = plan.layout, request.workload.mean_decode_context
-    top = max(plan.max_batch, 2)
+    # Past the memory limit too, so the chart shows where the ceilings cross.
+    crossover = crossover_batch(spec, hw, layout, context) or plan.max_batch
+    top = int(min(max(plan.max_batch, 2 * crossover, 2), PLOT_MAX_BATCH))
     batches = sorted({max(1, round(top ** (i / (PLOT_POINTS - 1)))) for i in range(PLOT_POINTS)})
     predicted, memory_ceiling, compute_ceiling = [], [], []
     for batch in batches:
@@ -133,6 +136,8 @@ def plot_roofline(spec: ModelSpec, hw: HardwareSpec, plan: Plan, request: PlanRe
     axes.loglog(batches, compute_ceiling, "--", label="compute ceiling")
     axes.loglog(batches, predicted, "-", linewidth=2, label="predicted decode")
     axes.axvline(plan.batch, color="grey", linewidth=0.8, label=f"plan batch {plan.batch}")
+    if plan.max_batch < top:
+        axes.axvspan(plan.max_batch, top, color="grey", alpha=0.15, label="does not fit in memory")
     axes.set_xlabel("batch (sequences per replica)")
     axes.set_ylabel("decode tokens/s per replica")
     axes.set_title(f"{spec.name} on {layout.tp * layout.pp} x {hw.name}, {layout.weight_format.name}, "

@@ -142,15 +142,39 @@ def slo_miss(p: Prediction, slo: Slo) -> float:
     return max(ratios)
 
 
-def explain(p: Prediction, batch: int, fit: int, request: PlanRequest, capped_by_slo: bool) -> str:
+def explain(p: Prediction, batch: int, limit: str | None) -> str:
     """Why this plan performs as it does, e.g. 'memory-bound at batch 8: 74% of step time is weight reads'."""
     term, share = p.decode_step.dominant_term()
     reason = f"{p.decode_step.bound}-bound at batch {batch}: {share:.0%} of step time is {term}"
+    return f"{reason}; {limit}" if limit else reason
+
+
+def batch_limit(spec: ModelSpec, hw: HardwareSpec, layout: Layout, request: PlanRequest, batch: int,
+                fit: int, capped_by_slo: bool) -> str | None:
+    """What stops a larger batch: the SLO, device memory, host memory, or nothing (None)."""
     if capped_by_slo:
-        reason += "; larger batches miss the SLO"
-    elif batch == fit and fit < request.max_batch:
-        reason += f"; memory caps the batch at {fit}"
-    return reason
+        return "larger batches miss the SLO"
+    if batch < fit or fit >= request.max_batch:
+        return None
+    over = memory_needed(spec, hw, layout, fit + 1, request.workload.context)
+    tier = "device" if over.total > over.capacity else "host"
+    return f"{tier} memory caps the batch at {fit}"
+
+
+def _largest_meeting_batch(spec: ModelSpec, hw: HardwareSpec, layout: Layout, request: PlanRequest,
+                           low: int, low_prediction: Prediction, high: int) -> tuple[int, Prediction]:
+    """Bisect between a batch meeting the SLO and a larger one missing it; keep the better-scoring batch."""
+    best = (low, low_prediction)
+    while high - low > 1:
+        middle = (low + high) // 2
+        prediction = predict(spec, hw, layout, request.workload, middle)
+        if request.slo.is_met(prediction.ttft_s, prediction.tpot_s):
+            low = middle
+            if score(prediction, layout, request) < score(best[1], layout, request):
+                best = (middle, prediction)
+        else:
+            high = middle
+    return best
 
 
 def best_plan_for_layout(spec: ModelSpec, hw: HardwareSpec, layout: Layout, request: PlanRequest) -> Plan | None:
@@ -163,14 +187,41 @@ def best_plan_for_layout(spec: ModelSpec, hw: HardwareSpec, layout: Layout, requ
     meeting = [(b, p) for b, p in scored if request.slo.is_met(p.ttft_s, p.tpot_s)]
     if meeting:
         batch, best = min(meeting, key=lambda item: score(item[1], layout, request))
-        capped = any(b > batch and not request.slo.is_met(p.ttft_s, p.tpot_s) for b, p in scored) \
-            and request.objective is not Objective.LATENCY
+        failing = [b for b, p in scored if b > batch and not request.slo.is_met(p.ttft_s, p.tpot_s)]
+        capped = bool(failing) and request.objective is not Objective.LATENCY
+        if capped:
+            batch, best = _largest_meeting_batch(spec, hw, layout, request, batch, best, min(failing))
     else:
         batch, best = min(scored, key=lambda item: slo_miss(item[1], request.slo))
         capped = False
     return Plan(layout=layout, batch=batch, max_batch=fit,
                 memory=memory_needed(spec, hw, layout, batch, context), prediction=best,
-                meets_slo=bool(meeting), reason=explain(best, batch, fit, request, capped))
+                meets_slo=bool(meeting),
+                reason=explain(best, batch, batch_limit(spec, hw, layout, request, batch, fit, capped)))
+
+
+def _rank_key(plan: Plan, request: PlanRequest, is_slo_met: bool) -> tuple[float, int, float]:
+    """Sort key: objective (or SLO miss), then fewer devices, then less offloading."""
+    primary = score(plan.prediction, plan.layout, request) if is_slo_met else slo_miss(plan.prediction, request.slo)
+    return primary, plan.layout.num_devices, -plan.layout.placement.weights_on_device
+
+
+def keep_useful_offload(plans: list[Plan], request: PlanRequest, is_slo_met: bool) -> list[Plan]:
+    """One offload placement per format/parallel layout, and only where it beats not offloading."""
+    best: dict[tuple, Plan] = {}
+    for plan in plans:
+        layout = plan.layout
+        key = (layout.weight_format.name, layout.kv_format, layout.tp, layout.pp, layout.placement.is_offloaded)
+        if key not in best or _rank_key(plan, request, is_slo_met) < _rank_key(best[key], request, is_slo_met):
+            best[key] = plan
+    kept = []
+    for (*layout_key, is_offloaded), plan in best.items():
+        resident = best.get((*layout_key, False))
+        if is_offloaded and resident is not None and \
+                _rank_key(resident, request, is_slo_met)[0] <= _rank_key(plan, request, is_slo_met)[0]:
+            continue
+        kept.append(plan)
+    return kept
 
 
 def search(spec: ModelSpec, hw: HardwareSpec, request: PlanRequest) -> SearchResult:
@@ -178,10 +229,7 @@ def search(spec: ModelSpec, hw: HardwareSpec, request: PlanRequest) -> SearchRes
     layouts = candidate_layouts(spec, hw, request)
     plans = [plan for layout in layouts if (plan := best_plan_for_layout(spec, hw, layout, request))]
     meeting = [plan for plan in plans if plan.meets_slo]
-    if meeting:
-        ranked = sorted(meeting, key=lambda plan: (score(plan.prediction, plan.layout, request),
-                                                    plan.layout.num_devices))
-    else:
-        ranked = sorted(plans, key=lambda plan: slo_miss(plan.prediction, request.slo))
+    candidates = keep_useful_offload(meeting or plans, request, bool(meeting))
+    ranked = sorted(candidates, key=lambda plan: _rank_key(plan, request, bool(meeting)))
     return SearchResult(plans=ranked[:request.top_k], num_layouts=len(layouts),
                         num_fitting=len(plans), is_slo_met=bool(meeting))

@@ -96,3 +96,23 @@ def test_predict_rates_for_the_default_model_on_a_cpu():
     assert rates.prefill_bound == "compute"
     batched = predict_rates(spec, cpu, batch=64, prompt_len=128)
     assert batched.decode_tok_s > 10 * rates.decode_tok_s  # weights are read once per step
+
+
+def test_worked_example_in_docs():
+    """docs/planner.md: llama-3.1-70b, bf16, tp=4 on H100s, prompt 3840 + output 256, batch 64."""
+    from roofline.planner.memory import max_batch, memory_needed
+
+    layout, workload = Layout(BF16, "bf16", tp=4), Workload(3840, 256)
+    memory = memory_needed(LLAMA_70B, H100, layout, 64, workload.context)
+    assert memory.weights == pytest.approx(35.28e9, rel=1e-3)
+    assert memory.kv_cache == pytest.approx(21.47e9, rel=1e-3)
+    assert memory.total == pytest.approx(59.44e9, rel=1e-3)
+    assert max_batch(LLAMA_70B, H100, layout, workload.context) == 125
+    p = predict(LLAMA_70B, H100, layout, workload, batch=64)
+    step = p.decode_step
+    assert (step.weight_read_s, step.kv_read_s, step.compute_s, step.comm_s, step.overhead_s) == pytest.approx(
+        (10.37e-3, 6.21e-3, 2.42e-3, 1.84e-3, 0.8e-3), rel=2e-3)
+    assert p.tpot_s == pytest.approx(19.22e-3, rel=1e-3) and p.decode_tok_s == pytest.approx(3329, rel=1e-3)
+    assert p.prefill_s == pytest.approx(173.4e-3, rel=1e-3) and p.ttft_s == pytest.approx(192.6e-3, rel=1e-3)
+    assert p.throughput_tok_s == pytest.approx(1027, rel=1e-3)
+    assert p.usd_per_mtok == pytest.approx(4.87, rel=1e-3)

@@ -133,9 +133,13 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-        self.stats.queried_tokens += request.num_prompt_tokens
-        self.stats.hit_tokens += len(blocks) * self.block_size
         return blocks
+
+    def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admitted request's lookup in the hit rate (once: a lookup whose allocation failed is retried)."""
+        if self.enable_prefix_caching and not request.wants_prompt_logprobs:
+            self.stats.queried_tokens += request.num_tokens  # a resumed request looks up its output tokens too
+            self.stats.hit_tokens += num_hit_tokens
 
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after taking `cached_blocks`); False if short."""

@@ -150,6 +150,8 @@ class Scheduler:
             if not self.kv.allocate(request, num_new, cached):
                 break
             self.waiting.pop(0)
+            if not request.num_computed_tokens:
+                self.kv.record_prefix_lookup(request, num_cached_tokens)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached_tokens
             request.num_computed_tokens += num_cached_tokens

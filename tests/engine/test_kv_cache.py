@@ -23,6 +23,7 @@ def admit(kv: KVCacheManager, request: Request) -> int:
     cached = kv.find_cached_prefix(request)
     num_cached = len(cached) * kv.block_size
     assert kv.allocate(request, request.num_tokens - num_cached, cached)
+    kv.record_prefix_lookup(request, num_cached)
     request.num_computed_tokens = request.num_tokens
     return num_cached
 
@@ -131,6 +132,20 @@ def test_prefix_lookup_stops_at_first_miss_and_respects_parent_hash():
     other = make_request("b", [9, 9, 9, 9, 5, 6, 7, 8, 0])
     assert kv.find_cached_prefix(other) == []
     assert hash_block(None, [5, 6, 7, 8]) != hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_only_recorded_lookups_count_in_the_hit_rate():
+    kv = KVCacheManager(16, BS)
+    admit(kv, make_request("a", list(range(9))))
+    b = make_request("b", list(range(9)))
+    for _ in range(3):  # a request retried while it waits for blocks looks up again and again
+        kv.find_cached_prefix(b)
+    assert (kv.stats.queried_tokens, kv.stats.hit_tokens) == (9, 0)
+    admit(kv, b)
+    assert (kv.stats.queried_tokens, kv.stats.hit_tokens) == (18, 8)
+    off = KVCacheManager(16, BS, enable_prefix_caching=False)
+    admit(off, make_request("a", list(range(9))))
+    assert off.stats.queried_tokens == 0 and off.stats.hit_rate == 0.0
 
 
 def test_prefix_caching_off_and_prompt_logprobs_bypass_the_cache():

@@ -330,3 +330,25 @@ def test_finish_frees_blocks_at_once_and_requeues_unforked_children():
     run_all(sched, runner)
     assert children[0].output_token_ids == reference(parent.prompt_token_ids, 4, 1)
     assert_idle(sched)
+
+
+def test_prefix_cache_statistics_count_each_admission_once():
+    sched, runner = make_scheduler(num_blocks=6, max_num_batched_tokens=64)
+    hog = make_request("hog", prompt_of(16, 1), 8)  # 4 blocks, growing to 6
+    blocked = make_request("blocked", prompt_of(10, 2), 2, arrival=1)  # 3 blocks: waits for the hog to finish
+    sched.add_request(hog)
+    sched.add_request(blocked)
+    steps = run_all(sched, runner)
+    assert len(steps) > 5  # the blocked request was looked at on many steps
+    assert sched.kv.stats.queried_tokens == 16 + 10
+    assert sched.kv.stats.hit_tokens == 0
+
+
+def test_prefix_hit_rate_stays_a_share_after_recompute():
+    sched, runner = make_scheduler(num_blocks=12, max_num_batched_tokens=64)
+    requests = _preemption_workload(sched)
+    run_all(sched, runner)
+    assert sched.num_preemptions > 0
+    stats = sched.kv.stats
+    assert 0 < stats.hit_tokens <= stats.queried_tokens  # resumed requests found their own blocks
+    assert stats.queried_tokens <= sum(r.num_tokens for r in requests) * (1 + sched.num_preemptions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from roofline.errors import ConfigError
+from roofline.planner.units import parse_quantity
 
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 GB = 1e9
@@ -15,6 +16,8 @@ CPU_RESERVED_BYTES = 4 * GB  # operating system and other processes
 NVLINK_LATENCY_S = 8e-6  # one small all-reduce over NVLink / Infinity Fabric
 PCIE_LATENCY_S = 25e-6  # one small all-reduce through PCIe and host
 NVME_BANDWIDTH = 2 * GB  # sequential read of a typical cloud NVMe volume
+SERVER_HOST_BANDWIDTH = 200 * GB  # 2-socket host of an 8-GPU SXM server (DDR5, 8+ channels each)
+WORKSTATION_HOST_BANDWIDTH = 100 * GB  # single-socket host of PCIe cards
 # Fixed time per transformer layer per forward pass: gaps between ~10 kernels captured in a CUDA
 # graph on a GPU; dispatch of ~30 eager PyTorch ops (1 us each) on a CPU.
 GPU_LAYER_OVERHEAD_S = 10e-6
@@ -76,7 +79,7 @@ def _gpu(name: str, memory_gb: float, bandwidth_tb: float, tflops: dict[str, flo
         interconnect_bandwidth=interconnect_gb * GB,
         interconnect_latency_s=NVLINK_LATENCY_S if is_nvlink else PCIE_LATENCY_S,
         host_link_bandwidth=host_link_gb * GB, host_memory_bytes=host_memory_gb * GB,
-        host_bandwidth=200 * GB if is_nvlink else 100 * GB, usd_per_hour=usd)
+        host_bandwidth=SERVER_HOST_BANDWIDTH if is_nvlink else WORKSTATION_HOST_BANDWIDTH, usd_per_hour=usd)
 
 
 def hardware_presets() -> dict[str, HardwareSpec]:
@@ -108,8 +111,6 @@ def hardware_presets() -> dict[str, HardwareSpec]:
 
 def hardware_from_mapping(raw: dict, where: str) -> HardwareSpec:
     """A HardwareSpec from a dict (a JSON/YAML file): field names as keys, numbers or unit strings as values."""
-    from roofline.planner.units import parse_quantity
-
     raw = dict(raw)
     base_name = raw.pop("base", None)
     known = {f.name for f in fields(HardwareSpec)}
@@ -150,8 +151,4 @@ def with_overrides(spec: HardwareSpec, overrides: dict[str, object]) -> Hardware
         values["flops"] = {**spec.flops, **values["flops"]}  # type: ignore[dict-item]
     return replace(spec, **values) if values else spec
 
-
-def field_names() -> list[str]:
-    """Names of HardwareSpec's fields, for error messages and file templates."""
-    return [f.name for f in fields(HardwareSpec)]
 

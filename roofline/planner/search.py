@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from roofline.errors import ConfigError
 from roofline.planner.formats import WeightFormat, default_kv_format, get_weight_format
 from roofline.planner.hardware import HardwareSpec
-from roofline.planner.layout import Layout, Placement, Workload
+from roofline.planner.layout import FRACTION_TOLERANCE, Layout, Placement, Workload
 from roofline.planner.memory import MemoryBreakdown, max_batch, memory_needed
 from roofline.planner.model_spec import ModelSpec
 from roofline.planner.predict import Prediction, predict
@@ -93,7 +93,7 @@ def candidate_placements(hw: HardwareSpec) -> list[Placement]:
     for on_device in OFFLOAD_STEPS:
         for on_host in OFFLOAD_STEPS:
             on_disk = 1.0 - on_device - on_host
-            if on_disk < -1e-9 or (hw.is_cpu and on_host > 0):
+            if on_disk < -FRACTION_TOLERANCE or (hw.is_cpu and on_host > 0):
                 continue
             for kv in kv_options:
                 placement = Placement(on_device, on_host, max(on_disk, 0.0), kv)

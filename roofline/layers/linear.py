@@ -26,6 +26,8 @@ class Linear(nn.Module):
     def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copy a checkpoint tensor into this layer's `weight` or `bias` (or one shard of it)."""
         param = getattr(self, param_name)
+        if param is None:
+            raise ValueError(f"the checkpoint has a {param_name} this layer does not")
         target = param.data[self.shard_rows(shard)] if len(self.output_sizes) > 1 else param.data
         if target.shape != tensor.shape:
             raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs layer {tuple(target.shape)}")

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (rotate-half layout) with linear and llama3 frequency scaling."""
+"""Rotary position embeddings (rotate-half layout) with linear, llama3 and per-frequency scaling."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         pass
+    elif kind == "freq_factors":  # one divisor per frequency, as GGUF files store llama3 scaling
+        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+        if factors.shape != inv_freq.shape:
+            raise ConfigError(f"rope: {factors.numel()} frequency factors for {inv_freq.numel()} frequencies")
+        inv_freq = inv_freq / factors
     elif kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
@@ -30,7 +35,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
     else:
-        raise ConfigError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
+        raise ConfigError(f"rope scaling {kind!r} is not supported; "
+                          f"supported: default, linear, llama3, freq_factors")
     return inv_freq.float()
 
 

@@ -78,6 +78,8 @@ class GGUFFile:
         rope_scaling = None
         if self._get("rope.scaling.type") == "linear":
             rope_scaling = {"rope_type": "linear", "factor": float(self._get("rope.scaling.factor", 1.0))}
+        if "rope_freqs.weight" in names:  # llama3 scaling: llama.cpp stores the per-frequency divisors
+            rope_scaling = {"rope_type": "freq_factors", "factors": self._rope_freq_factors()}
         eos = [self.metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
                if k in self.metadata]
         return ModelConfig(
@@ -99,6 +101,15 @@ class GGUFFile:
             bos_token_id=self.metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=sorted(set(int(e) for e in eos)),
         )
+
+    def _rope_freq_factors(self) -> list[float]:
+        from gguf import GGMLQuantizationType, quants
+
+        t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
+        try:
+            return [float(x) for x in quants.dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(-1)]
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: tensor rope_freqs.weight is unreadable ({exc})") from None
 
     def tokenizer(self) -> TextTokenizer:
         """The model's tokenizer, rebuilt from the vocabulary metadata."""
@@ -144,7 +155,7 @@ class GGUFFile:
                 raise ModelLoadError(f"{self.path}: tensor {t.name} is unreadable ({exc}); "
                                      f"is the file truncated?") from None
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+            if permuted and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                 heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
                 tensor = _unpermute_rope(tensor, heads)
             yield name, tensor.to(dtype)

@@ -55,10 +55,18 @@ class HFDirectory:
             gen = self._read_json("generation_config.json")
             eos = [e for src in (c.get("eos_token_id"), gen.get("eos_token_id")) if src is not None
                    for e in (src if isinstance(src, list) else [src])]
-            rope_theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            # transformers >= 5 writes rope settings under `rope_parameters`; older files use top-level keys
+            rope = c.get("rope_parameters") or {}
+            rope_theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
             scaling = c.get("rope_scaling")
-            if scaling is None and c.get("rope_parameters", {}).get("rope_type", "default") != "default":
-                scaling = c["rope_parameters"]
+            if scaling is None and rope.get("rope_type", "default") != "default":
+                scaling = rope
+            if c.get("mlp_bias"):
+                raise ModelLoadError(f"{self.path}: mlp_bias=true is not supported")
+            max_positions = int(c.get("max_position_embeddings", 2048))
+            window = _sliding_window(c, arch)
+            if window is not None:  # no sliding-window attention: stay within the window, where it is exact
+                max_positions = min(max_positions, window)
             return ModelConfig(
                 architecture=arch,
                 vocab_size=int(c["vocab_size"]),
@@ -68,7 +76,7 @@ class HFDirectory:
                 num_heads=heads,
                 num_kv_heads=int(c.get("num_key_value_heads") or heads),
                 head_dim=int(head_dim),
-                max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+                max_position_embeddings=max_positions,
                 rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta),
                 rope_scaling=scaling,
@@ -131,8 +139,11 @@ class HFDirectory:
 
         total = 0
         for file in self._weight_files():
-            with safe_open(file, framework="pt") as f:
-                total += len(list(f.keys()))
+            try:
+                with safe_open(file, framework="pt") as f:
+                    total += len(list(f.keys()))
+            except Exception as exc:
+                raise ModelLoadError(f"{file}: unreadable safetensors ({exc}); is it truncated?") from None
         return total
 
     def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -150,6 +161,21 @@ class HFDirectory:
                 raise
             except Exception as exc:
                 raise ModelLoadError(f"{file}: unreadable safetensors ({exc}); is it truncated?") from None
+
+
+def _sliding_window(c: dict, arch: str) -> int | None:
+    """The attention window of config.json when any layer uses one, else None."""
+    window = c.get("sliding_window")
+    if not window:
+        return None
+    if arch == "mistral":  # Mistral applies its window to every layer whenever one is set
+        return int(window)
+    if not c.get("use_sliding_window", False):  # Qwen2/3 apply it only when switched on, and per layer
+        return None
+    layer_types = c.get("layer_types")
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    return int(window) if int(c.get("max_window_layers", 0)) < int(c["num_hidden_layers"]) else None
 
 
 def _token_text(tok: str | dict | None) -> str | None:

@@ -47,7 +47,7 @@ def tokenizer_from_gguf_vocab(meta: dict) -> Tokenizer:
             raise ModelLoadError(f"GGUF tokenizer pre-type {pre!r} is not supported; "
                                  f"supported: {', '.join(sorted(_BPE_PRE_TYPES))}")
         split, split_digits = _BPE_PRE_TYPES[pre]
-        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("merges") or []]  # a byte-level vocab may have none
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
         steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),

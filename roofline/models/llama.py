@@ -31,7 +31,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=cfg.attention_bias)
-        self.o_proj = Linear(q_size, [cfg.hidden_size])
+        # attention_bias puts a bias on o_proj too, except in Qwen2, whose flag covers q/k/v only
+        self.o_proj = Linear(q_size, [cfg.hidden_size], bias=cfg.attention_bias and cfg.architecture != "qwen2")
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = [rotary]  # shared by every layer; a list so it is not registered once per layer

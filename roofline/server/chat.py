@@ -101,7 +101,8 @@ def _token_logprob(tid: int, entry: dict[int, Logprob], num_top: int, token_text
                             processed_logprob=finite_logprob(chosen.processed_logprob) if chosen else None)
 
 
-def _logprobs(req: ChatCompletionRequest, c: CompletionOutput, start: int, token_text) -> tuple[ChatLogprobs | None, int]:
+def _logprobs(req: ChatCompletionRequest, c: CompletionOutput, start: int,
+              token_text) -> tuple[ChatLogprobs | None, int]:
     if not req.logprobs:
         return None, start
     entries = c.logprobs or []

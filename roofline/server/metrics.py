@@ -56,13 +56,13 @@ class ServerMetrics:
         self.requests = Counter("roofline_requests", "HTTP requests by route and status code.",
                                 ["route", "status"], registry=r)
         self.time_to_first_token = Histogram(
-            "roofline_time_to_first_token_seconds", "From arrival to the first generated token.",
+            "roofline_time_to_first_token_seconds", "From submission to the engine to the first generated token.",
             buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = Histogram(
             "roofline_inter_token_latency_seconds", "Between consecutive tokens of a sequence.",
             buckets=_TOKEN_GAP_BUCKETS, registry=r)
         self.e2e_latency = Histogram("roofline_e2e_request_latency_seconds",
-                                     "From arrival to the last token, for requests that finished.",
+                                     "From submission to the engine to the last token, for requests that finished.",
                                      buckets=_E2E_BUCKETS, registry=r)
         self.queue_time = Histogram("roofline_request_queue_time_seconds",
                                     "From arrival until the engine first scheduled the request.",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 256  # each is checked on every generated token
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (practically) zero probability
 
 
@@ -43,11 +44,11 @@ class SamplingFields(_Request):
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # accepted only when empty
     # roofline extensions (vLLM users know these names)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    top_k: int | None = Field(None, ge=-1, lt=2**31)  # -1 or 0: off
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first

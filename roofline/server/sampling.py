@@ -14,6 +14,7 @@ from roofline.server.errors import APIError
 from roofline.server.protocol import LOGPROB_FLOOR, MAX_STOP_STRINGS, SamplingFields, Usage, UsageDetails
 
 _SEED_RANGE = 2**63  # torch seeds are 64-bit; the engine adds the sample index for n > 1
+_GREEDY_BELOW = 1e-5  # smaller temperatures overflow the scaled logits; they mean greedy anyway
 
 
 def new_id(prefix: str) -> str:
@@ -50,7 +51,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
     """SamplingParams for a request; invalid combinations become a 400."""
     try:
         return SamplingParams(
-            n=req.n, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            n=req.n, max_tokens=max_tokens, temperature=_temperature(req.temperature),
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p,
             seed=None if req.seed is None else req.seed % _SEED_RANGE, stop=req.stop_list(),
             stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
@@ -60,6 +61,12 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             include_stop_str_in_output=req.include_stop_str_in_output)
     except InvalidRequestError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
+
+
+def _temperature(value: float | None) -> float:
+    if value is None:
+        return 1.0
+    return 0.0 if value < _GREEDY_BELOW else value
 
 
 def usage(outputs: list[RequestOutput], count_completion: bool = True) -> Usage:

@@ -95,6 +95,8 @@ BAD_COMPLETIONS = [
     (b'{"prompt": "hi", "seed": 100000000000000000000000}', "invalid_value"),
     (b'{"prompt": "hi", "presence_penalty": 3}', "invalid_value"),
     (b'{"prompt": "hi", "stream": "maybe"}', "invalid_value"),
+    (b'{"prompt": "hi", "top_k": 100000000000000000000000}', "invalid_value"),
+    (b'{"prompt": "hi", "stop_token_ids": [' + b"1," * 300 + b'1]}', "invalid_value"),
     (b'{"prompt": "hi", "logit_bias": {"5": 1}}', "unsupported_parameter"),
     (b'{"prompt": "hi", "suffix": "end"}', "unsupported_parameter"),
     (b'{"prompt": "hi", "best_of": 3}', "unsupported_parameter"),
@@ -216,7 +218,10 @@ def test_no_junk_input_makes_a_500(server, http):
             b'{"messages": null}', b'{"prompt": true}', b'{"prompt": [[1, 2], [3]], "n": 2, "max_tokens": 1}',
             b'{"prompt": [[]]}', b'{"prompt": "hi", "stream_options": 5}', b'{"prompt": "hi", "stop_token_ids": "x"}',
             b'{"prompt": "hi", "priority": 1e40}', b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}',
-            b'{"messages": [{"role": "assistant", "content": null}], "max_tokens": 1}', b'{"prompt": "hi", "max_tokens": true}']
+            b'{"messages": [{"role": "assistant", "content": null}], "max_tokens": 1}',
+            b'{"prompt": "hi", "max_tokens": true}',
+            b'{"prompt": "hi", "max_tokens": 2, "temperature": 1e-300, "top_k": 2000000000, "min_p": 1, "seed": -1}',
+            b'{"prompt": "hi", "max_tokens": 2, "repetition_penalty": 10, "presence_penalty": -2, "top_p": 1e-9}']
     for route in ("/v1/completions", "/v1/chat/completions"):
         for body in junk:
             resp = http.post(route, content=body)

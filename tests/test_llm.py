@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -143,8 +144,6 @@ def test_cli_generate_prints_the_completion(llm: LLM, monkeypatch, capsys):
     code, out, err = run_cli(["generate", "--prompt", "The capital of France is", "--max-tokens", "4",
                               "--temperature", "0", "--json"], capsys)
     assert code == 0
-    import json
-
     record = json.loads(out)
     expected = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=4))[0]
     assert record["token_ids"] == expected.outputs[0].token_ids

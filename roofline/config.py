@@ -115,6 +115,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Weight quantization (docs/quantization.md)."""
+
+    method: str = "auto"  # "auto": a GGUF file's own precision, a float checkpoint as is; "none", "int8", "int4"
+    group_size: int = 32  # int4: input values per (scale, zero) pair, 32, 64 or 128
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "none", "int8", "int4"):
+            raise ConfigError(f"quantization must be auto, none, int8 or int4, got {self.method!r}")
+        if self.group_size not in (32, 64, 128):
+            raise ConfigError(f"int4 group size must be 32, 64 or 128, got {self.group_size}")
+
+
+@dataclass
 class EngineConfig:
     """Everything an engine needs, one sub-config per concern."""
 
@@ -122,5 +136,6 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     seed: int = 0  # seeds requests that bring no seed of their own
     show_progress: bool = False  # progress bar while weights load

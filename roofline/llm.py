@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from roofline.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
+from roofline.config import CacheConfig, DeviceConfig, EngineConfig, QuantConfig, SchedulerConfig
 from roofline.engine.llm_engine import LLMEngine
 from roofline.errors import InvalidRequestError
 from roofline.outputs import RequestOutput
@@ -22,7 +22,8 @@ class LLM:
                  max_model_len: int | None = None, seed: int = 0, num_threads: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, preemption_mode: str = "auto",
-                 swap_space: int = 2 << 30, show_progress: bool = False) -> None:
+                 swap_space: int = 2 << 30, show_progress: bool = False, quantization: str = "auto",
+                 quantization_group_size: int = 32) -> None:
         config = EngineConfig(
             model=model,
             device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads),
@@ -30,6 +31,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, swap_space_bytes=swap_space),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, preemption_mode=preemption_mode),
+            quant=QuantConfig(method=quantization, group_size=quantization_group_size),
             seed=seed,
             show_progress=show_progress,
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from roofline import quant
 from roofline.config import EngineConfig, ModelConfig
 from roofline.engine.input_batch import build_input_batch
 from roofline.engine.kv_cache import KVCacheManager
@@ -76,11 +77,22 @@ class ModelRunner:
         model_config = source.model_config()
         with torch.device(device):
             model = model_class(model_config)(model_config).to(dtype)
-        tensors = source.tensors(dtype)
+        # quantization is planned and applied before loading: low-bit layers are filled directly
+        tensor_types = source.tensor_types() if hasattr(source, "tensor_types") else None
+        try:
+            plan = quant.plan_quantization(model, config.quant.method, config.quant.group_size, tensor_types)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        quant.quantize_model(model, plan)
+        tensors = source.tensors(dtype, plan.raw_tensor_names) if plan.raw_tensor_names else source.tensors(dtype)
         if progress is not None:
             tensors = progress(tensors, total=source.num_tensors())
-        model.load_weights((name, t.to(device)) for name, t in tensors)
+        tensors = ((name, t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in tensors)
+        model.load_weights(quant.route_tensors(model, tensors))
+        quant.finalize_quantized(model)
         model.eval()
+        if not plan.is_empty:
+            logger.info("quantization %s: %s", config.quant.method, plan.describe())
         return cls(model, model_config, device, dtype)
 
     @property
@@ -91,11 +103,8 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of model weights (a tied embedding counted once)."""
-        seen = {}
-        for p in self.model.parameters():
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-        return sum(seen.values())
+        """Bytes of model weights, quantized ones with their scales (a tied embedding counted once)."""
+        return quant.weight_bytes(self.model)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> None:
         """Preallocate per-layer K/V block tensors on the device, and swap space in CPU memory."""

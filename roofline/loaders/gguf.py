@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -27,6 +28,22 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@dataclass
+class GGMLTensor:
+    """A 2-D GGUF tensor kept in its quantized blocks; row n of `blocks` encodes row n of the weight."""
+
+    type_name: str  # GGML type, e.g. "Q4_1"
+    shape: tuple[int, int]  # [rows, cols] in HF order
+    blocks: torch.Tensor  # [rows, bytes_per_row] uint8
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 tensor, through gguf's own dequantization."""
+        from gguf import GGMLQuantizationType, quants
+
+        array = quants.dequantize(self.blocks.cpu().numpy(), GGMLQuantizationType[self.type_name])
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(self.shape))
 
 
 class GGUFFile:
@@ -134,8 +151,17 @@ class GGUFFile:
         """How many tensors the file holds."""
         return len(self.reader.tensors)
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF-style name, tensor) pairs, dequantized to `dtype`."""
+    def tensor_types(self) -> dict[str, str]:
+        """HF-style tensor name -> GGML type name ("F32", "Q4_1", ...)."""
+        from gguf import GGMLQuantizationType
+
+        return {name: GGMLQuantizationType(t.tensor_type).name for t in self.reader.tensors
+                if (name := _hf_name(t.name)) is not None}
+
+    def tensors(self, dtype: torch.dtype, keep_quantized: Collection[str] = ()
+                ) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
+        """Yield (HF-style name, tensor) pairs, dequantized to `dtype`; 2-D tensors named in
+        `keep_quantized` come as their raw blocks (GGMLTensor) for the quantized layers to decode."""
         from gguf import GGMLQuantizationType, quants
 
         cfg = self.model_config()
@@ -149,6 +175,12 @@ class GGUFFile:
                 raise ModelLoadError(f"{self.path}: tensor {t.name} has type {qtype.name}; supported: "
                                      f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
             shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists dims innermost first
+            if name in keep_quantized and len(shape) == 2 and t.data.dtype == np.uint8:
+                blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # [rows, bytes per row]
+                if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):  # rows permute whole
+                    blocks = _unpermute_rope(blocks, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+                yield name, GGMLTensor(qtype.name, shape, blocks)
+                continue
             try:
                 array = np.asarray(quants.dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
             except Exception as exc:

@@ -23,6 +23,9 @@ from roofline.sampling_params import SamplingParams
 MAX_MODEL_LEN = 256
 BLOCK_BYTES = 16 * 46080  # one 16-token block of the default model's fp32 K/V
 CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
+# fp32 weights: the low-bit kernels take bf16 activations, whose rounding turns the 1e-6 differences
+# between chunkings of fp32 attention into logprob differences of up to ~0.2 (docs/quantization.md)
+QUANTIZATION = "none"
 
 FOX = "The quick brown fox jumps over the lazy dog. "
 PROMPTS = [
@@ -49,14 +52,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 def llm() -> LLM:
     """Ample KV cache, prefix cache off: the reference engine."""
     return LLM("default", kv_cache_memory=64 << 20, max_model_len=MAX_MODEL_LEN, max_num_seqs=16,
-               max_num_batched_tokens=CHUNK, enable_prefix_caching=False)
+               max_num_batched_tokens=CHUNK, enable_prefix_caching=False, quantization=QUANTIZATION)
 
 
 @pytest.fixture(scope="module")
 def small_llm() -> LLM:
     """A KV cache of 17 blocks (272 tokens): barely one full-length sequence, so batches must preempt."""
     return LLM("default", kv_cache_memory=17 * BLOCK_BYTES, max_model_len=MAX_MODEL_LEN, max_num_seqs=16,
-               max_num_batched_tokens=CHUNK, enable_prefix_caching=True)
+               max_num_batched_tokens=CHUNK, enable_prefix_caching=True, quantization=QUANTIZATION)
 
 
 @pytest.fixture(scope="module")

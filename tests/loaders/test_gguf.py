@@ -25,7 +25,8 @@ def default_pair(reference):
     """(transformers model dequantized from the default GGUF, roofline LLM on the same file)."""
     directory, name = os.path.split(default_model_path())
     hf = reference.load_hf_reference(directory, gguf_file=name)
-    llm = LLM(model="default", dtype="float32", device="cpu", kv_cache_memory=64 << 20, max_model_len=512)
+    llm = LLM(model="default", dtype="float32", device="cpu", kv_cache_memory=64 << 20, max_model_len=512,
+              quantization="none")  # fp32 parity; "auto" would serve the file's 4-bit blocks
     return hf, llm
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from roofline import quant
@@ -45,6 +47,17 @@ def configure_threads(num_threads: int | None) -> int:
         num_threads = int(env) if env and env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
     torch.set_num_threads(num_threads)
     return num_threads
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """A zero tensor; on CPU from calloc'd memory, so pages are faulted in (zeroed by the kernel) only when used.
+
+    torch.zeros would write every byte at start-up: seconds for a multi-GiB KV cache.
+    """
+    if device.type != "cpu" or pin:
+        return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass
@@ -113,12 +126,12 @@ class ModelRunner:
         # zeros, not empty: attention reads whole blocks and masks the unwritten tail of the last one (and
         # padding blocks), but a masked NaN still poisons softmax(QK^T)V, and uninitialised memory (reused
         # heap or allocator cache) does hold NaN bit patterns. Swap space too: swap-in copies whole blocks.
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(c.num_layers)]
+        self.kv_caches = [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
+                          for _ in range(c.num_layers)]
         swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, c.head_dim)
         pin = self.device.type == "cuda"
-        self.swap_caches = [(torch.zeros(swap_shape, dtype=self.dtype, pin_memory=pin),
-                             torch.zeros(swap_shape, dtype=self.dtype, pin_memory=pin))
+        self.swap_caches = [(_zeros(swap_shape, self.dtype, torch.device("cpu"), pin),
+                             _zeros(swap_shape, self.dtype, torch.device("cpu"), pin))
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
 

@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="fp32", help="comma-separated roofline modes: fp32")
+    parser.add_argument("--modes", default="fp32",
+                        help="comma-separated roofline weight modes: fp32, int8, int4, gguf (the file's own)")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -119,8 +120,12 @@ def main() -> None:
     prompt = torch.randint(10, 1000, (args.prompt_len,), generator=g).tolist()
     bw = measure_bandwidth()
     rows = []
+    quantization = {"fp32": "none", "int8": "int8", "int4": "int4", "gguf": "auto"}
     for mode in args.modes.split(","):
-        r = bench_roofline(args.model, prompt, args.gen_len, args.repeats, dtype="float32")
+        if mode not in quantization:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(quantization)}")
+        r = bench_roofline(args.model, prompt, args.gen_len, args.repeats, dtype="float32",
+                           quantization=quantization[mode])
         rows.append((f"roofline {mode}", r))
     base = None if args.skip_transformers else bench_transformers(path, prompt, args.gen_len, args.repeats)
     if base:

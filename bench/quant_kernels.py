@@ -6,7 +6,8 @@ Times y = x W^T for x [M, K] fp32 and each weight format, and prints one table o
 call and the speed-up over fp32 F.linear (the baseline, measured in the same run). Candidates:
 fp32 F.linear; bf16 F.linear; weight-only int8 (`_weight_int8pack_mm`) and int4 group 32/64
 (`_weight_int4pack_mm_for_cpu`), each with fp32 and with bf16 activations; dynamic int8 activations x int8 weights (`quantized.linear_dynamic`
-with fbgemm/onednn packed weights, and `torch._int_mm` with a hand-written activation quantizer).
+with fbgemm/onednn packed weights, and `torch._int_mm` with activations quantized per token to one
+int8 digit, or to two as roofline's int8 path does).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from roofline.quant.linear import int8_activation_mm
 
 # (name, K, N) of the default model (SmolLM2-135M): hidden 576, intermediate 1536, vocab 49152
 SHAPES = [("o_proj", 576, 576), ("qkv_proj", 576, 960), ("gate_up_proj", 576, 3072),
@@ -80,15 +83,12 @@ def candidates(w: torch.Tensor) -> dict:
             torch.backends.quantized.engine = e
             return torch.ops.quantized.linear_dynamic(x, p, True)
         out[f"int8 x int8 dynamic ({engine} linear_dynamic)"] = dyn
-    q8t = q8.t().contiguous()  # [K, N]
-
     def int_mm(x):
         xs = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
-        xq = torch.round(x / xs).to(torch.int8)
-        if xq.shape[0] <= 16:  # _int_mm wants M > 16 on some backends; pad small batches
-            xq = F.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
-        return (torch._int_mm(xq, q8t)[: x.shape[0]] * xs) * scale
-    out["int8 x int8 dynamic (_int_mm + per-token quant)"] = int_mm
+        return (torch._int_mm(torch.round(x / xs).to(torch.int8), q8.t()) * xs) * scale
+    out["int8 x int8, 1 digit per token (_int_mm)"] = int_mm
+    out["int8 x int8, 2 digits per token (roofline int8_activation_mm)"] = (
+        lambda x: int8_activation_mm(x, q8, scale))
     return out
 
 

@@ -23,6 +23,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
                    help="KV cache budget, e.g. 512MiB or 2GiB (default: a share of free memory)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights: auto (a GGUF file's own precision, a float checkpoint as is), none, int8, int4")
+    p.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4: input values per scale/zero pair")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def _make_llm(args: argparse.Namespace):
 
     return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
+               quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                show_progress=sys.stderr.isatty())
 
 

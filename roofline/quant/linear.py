@@ -25,6 +25,9 @@ from roofline.quant.functional import (INT4_GGML_TYPES, INT8_GGML_TYPES, Int4Wei
 
 INT4_PACK_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 INT8_PACK_COL_MULTIPLE = 16  # _weight_int8pack_mm crashes (torch 2.13, CPU) on batches when K % 16 != 0
+# _int_mm takes ~4x longer for 2-7 rows than for 1 (measured on the 49152 x 576 head), so fewer rows go
+# one at a time
+INT_MM_MIN_BATCH_ROWS = 8
 
 
 # From this many rows up, int8 activations x int8 weights (`torch._int_mm`) beat the weight-only kernel,
@@ -60,7 +63,11 @@ def int8_activation_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     scaled = x.float() / step  # [T, K] in [-127, 127]
     high = torch.round(scaled)
     low = torch.round((scaled - high) * 127)  # the residual in [-0.5, 0.5] steps, as a second digit
-    acc = torch._int_mm(torch.cat([high, low]).to(torch.int8), q.t()).float()  # [2T, N], exact integers
+    digits = torch.cat([high, low]).to(torch.int8)  # [2T, K]
+    if 2 * T < INT_MM_MIN_BATCH_ROWS:  # one row at a time: faster than a small batch (torch 2.13, CPU)
+        acc = torch.cat([torch._int_mm(digits[i:i + 1], q.t()) for i in range(2 * T)]).float()
+    else:
+        acc = torch._int_mm(digits, q.t()).float()  # [2T, N], exact integers
     return (acc[:T] + acc[T:] / 127) * step * scale
 
 

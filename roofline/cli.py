@@ -27,6 +27,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights: auto (a GGUF file's own precision, a float checkpoint as is), none, int8, int4")
     p.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4: input values per scale/zero pair")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model dtype; int8: a quarter of fp32's KV memory, a scale per token and head")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -58,6 +60,7 @@ def _make_llm(args: argparse.Namespace):
     return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
                quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+               kv_cache_dtype=args.kv_cache_dtype,
                show_progress=sys.stderr.isatty())
 
 

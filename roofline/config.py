@@ -120,12 +120,15 @@ class QuantConfig:
 
     method: str = "auto"  # "auto": a GGUF file's own precision, a float checkpoint as is; "none", "int8", "int4"
     group_size: int = 32  # int4: input values per (scale, zero) pair, 32, 64 or 128
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "int8": int8 K/V with a scale per token and head
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", "none", "int8", "int4"):
             raise ConfigError(f"quantization must be auto, none, int8 or int4, got {self.method!r}")
         if self.group_size not in (32, 64, 128):
             raise ConfigError(f"int4 group size must be 32, 64 or 128, got {self.group_size}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass

@@ -23,7 +23,7 @@ class LLM:
                  kv_cache_memory: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, preemption_mode: str = "auto",
                  swap_space: int = 2 << 30, show_progress: bool = False, quantization: str = "auto",
-                 quantization_group_size: int = 32) -> None:
+                 quantization_group_size: int = 32, kv_cache_dtype: str = "auto") -> None:
         config = EngineConfig(
             model=model,
             device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads),
@@ -31,7 +31,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, swap_space_bytes=swap_space),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, preemption_mode=preemption_mode),
-            quant=QuantConfig(method=quantization, group_size=quantization_group_size),
+            quant=QuantConfig(method=quantization, group_size=quantization_group_size,
+                              kv_cache_dtype=kv_cache_dtype),
             seed=seed,
             show_progress=show_progress,
         )

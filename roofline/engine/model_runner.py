@@ -72,11 +72,12 @@ class ModelRunner:
     """Runs the model over flat batches with a paged KV cache."""
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # torch.int8: values and a scale per token and head (quant/kv.py)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.swap_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -106,13 +107,15 @@ class ModelRunner:
         model.eval()
         if not plan.is_empty:
             logger.info("quantization %s: %s", config.quant.method, plan.describe())
-        return cls(model, model_config, device, dtype)
+        kv_dtype = torch.int8 if config.quant.kv_cache_dtype == "int8" else dtype
+        return cls(model, model_config, device, dtype, kv_dtype)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V for one token across all layers."""
         c = self.model_config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        slot = quant.kv_slot_size(c.head_dim, self.kv_dtype)
+        return 2 * c.num_layers * c.num_kv_heads * slot * torch.empty((), dtype=self.kv_dtype).element_size()
 
     @property
     def weight_bytes(self) -> int:
@@ -122,16 +125,17 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> None:
         """Preallocate per-layer K/V block tensors on the device, and swap space in CPU memory."""
         c = self.model_config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        slot = quant.kv_slot_size(c.head_dim, self.kv_dtype)
+        shape = (num_blocks, block_size, c.num_kv_heads, slot)
         # zeros, not empty: attention reads whole blocks and masks the unwritten tail of the last one (and
         # padding blocks), but a masked NaN still poisons softmax(QK^T)V, and uninitialised memory (reused
         # heap or allocator cache) does hold NaN bit patterns. Swap space too: swap-in copies whole blocks.
-        self.kv_caches = [(_zeros(shape, self.dtype, self.device), _zeros(shape, self.dtype, self.device))
+        self.kv_caches = [(_zeros(shape, self.kv_dtype, self.device), _zeros(shape, self.kv_dtype, self.device))
                           for _ in range(c.num_layers)]
-        swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, c.head_dim)
+        swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, slot)
         pin = self.device.type == "cuda"
-        self.swap_caches = [(_zeros(swap_shape, self.dtype, torch.device("cpu"), pin),
-                             _zeros(swap_shape, self.dtype, torch.device("cpu"), pin))
+        self.swap_caches = [(_zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin),
+                             _zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin))
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roofline.quant.kv import pack_kv, unpack_kv
+
 
 @dataclass
 class PrefillChunk:
@@ -51,11 +53,12 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D]; k, v [T, KVH, D] -> [T, H * D]
-        k_cache, v_cache = kv_cache  # [num_blocks, block_size, KVH, D]
-        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)  # [slots, KVH, D]
-        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, v.to(v_flat.dtype))
+        k_cache, v_cache = kv_cache  # [num_blocks, block_size, KVH, D] (int8: D + 4, see quant/kv.py)
+        k_flat = k_cache.view(-1, self.num_kv_heads, k_cache.shape[-1])  # [slots, KVH, D]
+        v_flat = v_cache.view(-1, self.num_kv_heads, v_cache.shape[-1])
+        is_int8 = k_cache.dtype == torch.int8
+        k_flat.index_copy_(0, meta.slot_mapping, pack_kv(k) if is_int8 else k.to(k_flat.dtype))
+        v_flat.index_copy_(0, meta.slot_mapping, pack_kv(v) if is_int8 else v.to(v_flat.dtype))
 
         out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
@@ -86,4 +89,6 @@ class PagedAttention(nn.Module):
         # cache [N, bs, KVH, D], block_table [B, nb] -> [B, KVH, nb * bs, D]
         B, nb = block_table.shape
         blocks = cache.index_select(0, block_table.flatten())  # [B * nb, bs, KVH, D]
+        if cache.dtype == torch.int8:
+            blocks = unpack_kv(blocks, dtype)
         return blocks.view(B, nb * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2).to(dtype)

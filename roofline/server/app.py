@@ -53,6 +53,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise APIError(400, f"{param or 'body'}: {err['msg']}", code="invalid_value", param=param or None) from None
     try:  # JSON may smuggle in lone surrogates ("\ud800"), which no tokenizer accepts
         json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     except UnicodeEncodeError:
         raise APIError(400, "the request contains an invalid Unicode string (a lone surrogate escape)",
                        code="invalid_value") from None

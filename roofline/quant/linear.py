@@ -132,6 +132,7 @@ class Int4Linear(Linear):
         self.register_buffer("offset", torch.zeros(self.out_features, num_groups, device=device))
         self.register_buffer("scales_and_zeros", None)  # [G, N, 2] bf16 once finalized
         self.is_packed = False
+        self.loaded_shards: set[int] = set()
 
     def load(self, param_name: str, tensor: torch.Tensor | GGMLTensor, shard: int = 0) -> None:
         """Quantize (or decode) a checkpoint tensor into one shard of the weight, or copy a bias."""
@@ -151,6 +152,9 @@ class Int4Linear(Linear):
         self.weight.data[rows] = w.q.to(self.weight.device)
         self.scale[rows] = w.scale.to(self.scale.device)
         self.offset[rows] = w.offset.to(self.offset.device)
+        self.loaded_shards.add(shard)
+        if len(self.loaded_shards) == len(self.output_sizes):
+            self.finalize()  # pack now: the unpacked byte-per-value copy of every layer never coexists
 
     def finalize(self) -> None:
         """Pack the 4-bit values for the kernel and fold (scale, offset) into its (scale, zero) pairs."""

@@ -14,6 +14,7 @@ from roofline import LLM, SamplingParams
 from roofline.loaders import open_model
 from roofline.loaders.gguf import GGMLTensor
 from roofline.quant.embedding import Int8Embedding
+from roofline.quant.functional import Int4Weight, decode_ggml, dequantize_int4
 from roofline.quant.linear import Int4Linear, Int8Linear
 
 NUM_TOKENS = 16
@@ -69,10 +70,10 @@ def test_q4_1_tensors_map_onto_int4_exactly(source, llms):
     for name in names:
         assert isinstance(raw[name], GGMLTensor) and raw[name].type_name == "Q4_1"
         ref = dequantized[name]
+        decoded = decode_ggml("Q4_1", raw[name].blocks, ref.shape[1])
+        assert isinstance(decoded, Int4Weight) and torch.equal(dequantize_int4(decoded), ref)  # exact
         layer = Int4Linear(ref.shape[1], [ref.shape[0]], 32)
         layer.load("weight", raw[name])
-        assert torch.equal(layer.dequantize(), ref)  # exact before packing
-        layer.finalize()
         assert (layer.dequantize() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
     model = llms["auto"].engine.runner.model
     k_rows = slice(576, 576 + 192)  # k is the second shard of the packed qkv

@@ -10,7 +10,6 @@ checkpoint tensor, so the model's loader neither expects nor fills them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from roofline.loaders.gguf import GGMLTensor
@@ -43,8 +42,8 @@ class Int8Embedding(nn.Module):
         self.is_loaded = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, D]
-        rows = F.embedding(ids, self.qweight).to(self.out_dtype)
-        return rows * self.scale[ids, None].to(self.out_dtype)
+        rows = self.qweight.index_select(0, ids).to(self.out_dtype)  # index_select: any dtype, any device
+        return rows * self.scale.index_select(0, ids)[:, None].to(self.out_dtype)
 
 
 class Int8LMHead(nn.Module):

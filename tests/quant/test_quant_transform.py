@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -94,23 +92,9 @@ def tiny_llms(tiny_model_dirs):
                           kv_cache_memory=4 << 20) for m in ("none", "int8", "int4")} for name in names}
 
 
-def _dequantized_copy(float_model: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
-    """`float_model` with every weight replaced by what the matching low-bit module stores."""
-    model = copy.deepcopy(float_model)
-    modules = dict(model.named_modules())
-    for path, m in quantized.named_modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
-            modules[path].weight.data.copy_(m.dequantize())
-        elif isinstance(m, Int8Embedding) and path in modules:  # not an untied head's own table
-            modules[path].weight.data.copy_(m.qweight.float() * m.scale[:, None])
-        elif isinstance(m, Int8LMHead) and not m.is_tied:
-            modules[path].weight.data.copy_(m.weights.qweight.float() * m.weights.scale[:, None])
-    return model
-
-
 @pytest.mark.parametrize("name", ["llama-mha-bias-linear-rope", "qwen2-bias-3heads-mqa-tied",
                                   "qwen3-qknorm-5heads-bias-untied"])
-def test_tiny_models_compute_with_the_weights_they_store(tiny_llms, reference, name):
+def test_tiny_models_compute_with_the_weights_they_store(tiny_llms, reference, dequantized_copy, name):
     # every shard, bias, tie and fallback lands where it belongs: the quantized model's logits equal
     # those of the float model given the dequantized weights, up to the kernels' bf16 activations
     llms = tiny_llms[name]
@@ -120,8 +104,8 @@ def test_tiny_models_compute_with_the_weights_they_store(tiny_llms, reference, n
         runner = llms[method].engine.runner
         assert runner.weight_bytes < llms["none"].engine.runner.weight_bytes / 2
         ours = reference.roofline_full_logits(runner.model, prompt)
-        ref = reference.roofline_full_logits(_dequantized_copy(float_model, runner.model), prompt)
-        assert reference.relative_error(ours, ref) < 0.03, method
+        ref = reference.roofline_full_logits(dequantized_copy(float_model, runner.model), prompt)
+        assert reference.relative_error(ours, ref) < 0.06, method  # bf16 activations; a misplaced shard: ~1
 
 
 def test_weight_bytes_counts_quantized_storage_once():

@@ -1,6 +1,6 @@
 """Candidate low-bit matmul kernels on this CPU, at the default model's linear shapes.
 
-    python bench/quant_kernels.py [--threads 2] [--ms 1,32,128] [--seconds 0.3]
+    python bench/quant_kernels.py [--threads 2] [--ms 1,32,128] [--seconds 0.3] [--model-loop]
 
 Times y = x W^T for x [M, K] fp32 and each weight format, and prints one table of microseconds per
 call and the speed-up over fp32 F.linear (the baseline, measured in the same run). Candidates:
@@ -92,13 +92,55 @@ def candidates(w: torch.Tensor) -> dict:
     return out
 
 
+def model_loop(num_layers: int = 30, rounds: int = 10) -> None:
+    """One decode token's 4 x 30 one-row GEMVs back to back, weights out of cache: ms and GB/s per kernel."""
+    shapes = [(N, K) for _, K, N in SHAPES[:4]]
+    x = {K: torch.randn(1, K).bfloat16() for _, K in shapes}
+    xq = {K: torch.randint(-127, 128, (1, K), dtype=torch.int8) for _, K in shapes}
+    int4, int8 = [], []
+    for _ in range(num_layers):
+        for N, K in shapes:
+            q4 = torch.randint(0, 16, (N, K), dtype=torch.int32)
+            int4.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, 1),
+                         torch.rand(K // 32, N, 2).bfloat16(), K))
+            int8.append((torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16(), K))
+    kernels = {
+        "int4 g32 (_weight_int4pack_mm_for_cpu)": (
+            lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x[K], p, 32, sz) for p, sz, K in int4],
+            sum(p.numel() + 2 * sz.numel() for p, sz, _ in int4)),
+        "int8 (_weight_int8pack_mm)": (
+            lambda: [torch.ops.aten._weight_int8pack_mm(x[K], q, s) for q, s, K in int8],
+            sum(q.numel() for q, _, _ in int8)),
+        "int8 x int8, 1 digit (_int_mm, no activation quantization)": (
+            lambda: [torch._int_mm(xq[K], q.t()) for q, _, K in int8], sum(q.numel() for q, _, _ in int8)),
+    }
+    print(f"\none decode token's {len(int4)} linears, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    print("| kernel | ms per token | GB/s |")
+    print("|---|---|---|")
+    for name, (fn, num_bytes) in kernels.items():
+        fn()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        print(f"| {name} | {t * 1e3:.2f} | {num_bytes / t / 1e9:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--ms", default="1,32,128", help="comma-separated batch rows M")
     parser.add_argument("--seconds", type=float, default=0.3, help="time per measurement")
+    parser.add_argument("--model-loop", action="store_true",
+                        help="instead: a decode token's 120 GEMVs of the default model back to back")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model_loop:
+        model_loop()
+        return
     torch.manual_seed(0)
     ms = [int(m) for m in args.ms.split(",")]
     results: dict[tuple[str, str, int], float] = {}

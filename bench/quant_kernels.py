@@ -5,9 +5,10 @@
 Times y = x W^T for x [M, K] fp32 and each weight format, and prints one table of microseconds per
 call and the speed-up over fp32 F.linear (the baseline, measured in the same run). Candidates:
 fp32 F.linear; bf16 F.linear; weight-only int8 (`_weight_int8pack_mm`) and int4 group 32/64
-(`_weight_int4pack_mm_for_cpu`), each with fp32 and with bf16 activations; dynamic int8 activations x int8 weights (`quantized.linear_dynamic`
-with fbgemm/onednn packed weights, and `torch._int_mm` with activations quantized per token to one
-int8 digit, or to two as roofline's int8 path does).
+(`_weight_int4pack_mm_for_cpu`), each with fp32 and with bf16 activations; dynamic int8
+activations x int8 weights (`quantized.linear_dynamic` with fbgemm/onednn packed weights, and
+`torch._int_mm` with activations quantized per token to one int8 digit, or to two as roofline's int8
+path does). `--model-loop` instead times one decode token's 120 GEMVs back to back, out of cache.
 """
 
 from __future__ import annotations

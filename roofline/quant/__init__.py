@@ -5,5 +5,6 @@ from roofline.quant.transform import (INT4_GROUP_SIZES, QUANTIZATION_METHODS, Li
                                       finalize_quantized, plan_quantization, quantize_model, route_tensors,
                                       weight_bytes)
 
-__all__ = ["KV_CACHE_DTYPES", "kv_slot_size", "pack_kv", "unpack_kv", "INT4_GROUP_SIZES", "QUANTIZATION_METHODS", "LinearScheme", "QuantPlan", "finalize_quantized",
-           "plan_quantization", "quantize_model", "route_tensors", "weight_bytes"]
+__all__ = ["INT4_GROUP_SIZES", "KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "LinearScheme", "QuantPlan",
+           "finalize_quantized", "kv_slot_size", "pack_kv", "plan_quantization", "quantize_model",
+           "route_tensors", "unpack_kv", "weight_bytes"]

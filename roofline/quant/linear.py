@@ -8,8 +8,9 @@ tensor's raw blocks (`GGMLTensor`), which it decodes straight into the low-bit f
 Kernels on the CPU (measured choice, docs/quantization.md): torch's `_weight_int8pack_mm` and
 `_weight_int4pack_mm_for_cpu` with bf16 activations (their fp32-activation paths are scalar and
 10-50x slower); for int8 on batches of `DYNAMIC_INT8_MIN_ROWS` rows or more, and always for the
-output head, int8 x int8 GEMMs (`torch._int_mm`) on activations split into two int8 digits. Other devices dequantize to the
-activation dtype and call F.linear: correct and compact in memory, but not a fast path.
+output head, int8 x int8 GEMMs (`torch._int_mm`) on activations split into two int8 digits. Other
+devices dequantize to the activation dtype and call F.linear: correct and compact in memory, but not
+a fast path.
 """
 
 from __future__ import annotations

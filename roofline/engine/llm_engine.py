@@ -255,6 +255,8 @@ class LLMEngine:
             outputs=group.outputs,
             finished=group.finished,
             num_cached_tokens=first.num_cached_tokens,
+            queue_time=None if first.first_scheduled_time is None
+            else first.first_scheduled_time - first.arrival_time,
         )
 
     def stats(self) -> dict[str, float]:

@@ -52,6 +52,7 @@ class Request:
     parent_id: str | None = None  # for n > 1: the request whose prompt blocks this one shares
     sample_index: int = 0  # which of the parent's n samples this is
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # when it first entered the running batch
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -154,6 +154,7 @@ class Scheduler:
                 self.kv.record_prefix_lookup(request, num_cached_tokens)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached_tokens
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens += num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)

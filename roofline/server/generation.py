@@ -108,9 +108,8 @@ class GenerationStream:
         num_tokens = sum(len(c.token_ids) for c in out.outputs)
         if t.last is None:
             self.metrics.time_to_first_token.observe(now - t.start)
-            queue_time = getattr(out, "queue_time", None)  # set by engines that track scheduling time
-            if queue_time is not None:
-                self.metrics.queue_time.observe(queue_time)
+            if out.queue_time is not None:
+                self.metrics.queue_time.observe(out.queue_time)
         elif num_tokens > t.num_tokens:
             self.metrics.inter_token_latency.observe(now - t.last)
         t.last, t.num_tokens = now, num_tokens

@@ -279,3 +279,13 @@ def test_fresh_kv_cache_and_swap_space_hold_no_garbage(monkeypatch):
     assert len(runner.kv_caches) == len(runner.swap_caches) == 2
     for k, v in runner.kv_caches + runner.swap_caches:
         assert torch.isfinite(k).all() and torch.isfinite(v).all()
+
+
+def test_outputs_report_queue_time(llm: LLM):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=2)
+    engine.add_request("qt", [11, 12, 13], params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs.extend(engine.step())
+    assert outs and all(o.queue_time is not None and o.queue_time >= 0 for o in outs)

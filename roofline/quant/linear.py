@@ -38,14 +38,15 @@ DYNAMIC_INT8_MIN_ROWS = 16
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_bf16: torch.Tensor,
-                dynamic_min_rows: int = DYNAMIC_INT8_MIN_ROWS) -> torch.Tensor:
+                dynamic_min_rows: int = DYNAMIC_INT8_MIN_ROWS, use_cpu_kernels: bool = True) -> torch.Tensor:
     """x [T, K] @ (scale[:, None] * q [N, K])^T -> [T, N] in x's dtype.
 
     T >= `dynamic_min_rows`: integer GEMMs on x split into two int8 digits (`int8_activation_mm`),
     fp32-precise. Fewer rows: the weight-only kernel on bf16 activations (bf16 output). Each path
-    gives a row the same result alone or in any batch that takes the same path.
+    gives a row the same result alone or in any batch that takes the same path. Off the CPU (or with
+    `use_cpu_kernels` False): dequantize to x's dtype and F.linear.
     """
-    if x.device.type != "cpu" or q.shape[1] % INT8_PACK_COL_MULTIPLE:
+    if not use_cpu_kernels or x.device.type != "cpu" or q.shape[1] % INT8_PACK_COL_MULTIPLE:
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     if x.shape[0] >= dynamic_min_rows:
         return int8_activation_mm(x, q, scale).to(x.dtype)
@@ -84,6 +85,7 @@ class Int8Linear(Linear):
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
         self.register_buffer("scale", torch.zeros(self.out_features, device=device))  # [N] fp32
         self.register_buffer("scale_bf16", torch.zeros(self.out_features, dtype=torch.bfloat16, device=device))
+        self.use_cpu_kernels = True  # False: the generic dequantize-and-matmul path other devices take
 
     def load(self, param_name: str, tensor: torch.Tensor | GGMLTensor, shard: int = 0) -> None:
         """Quantize (or decode) a checkpoint tensor into one shard of the weight, or copy a bias."""
@@ -109,7 +111,7 @@ class Int8Linear(Linear):
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        y = int8_linear(x, self.weight, self.scale, self.scale_bf16)
+        y = int8_linear(x, self.weight, self.scale, self.scale_bf16, use_cpu_kernels=self.use_cpu_kernels)
         return y if self.bias is None else y + self.bias
 
 
@@ -134,6 +136,8 @@ class Int4Linear(Linear):
         self.register_buffer("scales_and_zeros", None)  # [G, N, 2] bf16 once finalized
         self.is_packed = False
         self.loaded_shards: set[int] = set()
+        # the CPU kernel's packed layout, else plain nibble pairs and dequantize-and-matmul (other devices)
+        self.use_cpu_kernels = self.weight.device.type == "cpu"
 
     def load(self, param_name: str, tensor: torch.Tensor | GGMLTensor, shard: int = 0) -> None:
         """Quantize (or decode) a checkpoint tensor into one shard of the weight, or copy a bias."""
@@ -166,7 +170,7 @@ class Int4Linear(Linear):
         self.scales_and_zeros = torch.stack([self.scale, zeros], dim=-1).transpose(0, 1).contiguous().to(
             torch.bfloat16)  # [G, N, 2]
         q = self.weight.data
-        if q.device.type == "cpu":
+        if self.use_cpu_kernels:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         else:
             packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, K / 2]: plain nibble pairs for the fallback
@@ -178,7 +182,7 @@ class Int4Linear(Linear):
         """The weight [N, K] this layer multiplies by, in fp32 (bf16-rounded scales once finalized)."""
         if not self.is_packed:
             return dequantize_int4(Int4Weight(self.weight.data, self.scale, self.offset, self.group_size))
-        if self.weight.device.type == "cpu":  # unpack through the kernel: I @ W^T = W^T
+        if self.use_cpu_kernels:  # unpack through the kernel: I @ W^T = W^T
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
             return self.forward_packed(eye).float().t().contiguous()
         w = self.weight.data
@@ -199,7 +203,7 @@ class Int4Linear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if not self.is_packed:
             raise RuntimeError("Int4Linear used before finalize()")
-        if x.device.type == "cpu":
+        if self.use_cpu_kernels:
             y = self.forward_packed(x).to(x.dtype)
         else:
             w = self.weight.data

@@ -123,6 +123,24 @@ def test_dynamic_int8_activations_match_the_weight_only_kernel():
     assert _rel(int8_linear(x, layer.weight, layer.scale, layer.scale_bf16, dynamic_min_rows=100), ref) < KERNEL_TOL
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_generic_path_of_other_devices_matches_the_cpu_kernels(bias):
+    # what CUDA and other devices run (plain nibble pairs / int8, dequantize, F.linear), exercised on the CPU
+    w, x = _data(64, 128, rows=5)
+    b = torch.randn(64) if bias else None
+    for make in (lambda: Int8Linear(128, [64], bias=bias), lambda: Int4Linear(128, [64], 32, bias=bias)):
+        fast, generic = make(), make()
+        generic.use_cpu_kernels = False
+        for layer in (fast, generic):
+            layer.load("weight", w)
+            if bias:
+                layer.load("bias", b)
+            layer.finalize()
+        assert _rel(generic(x), fast(x)) < KERNEL_TOL
+        assert torch.equal(generic.dequantize(), fast.dequantize()) or isinstance(fast, Int4Linear)
+        assert (generic.dequantize() - fast.dequantize()).abs().max() <= 2 ** -7 * w.abs().max()
+
+
 def test_odd_input_sizes_fall_back_to_a_correct_path():
     w, x = _data(64, 120, rows=9)  # the int8 kernel needs K % 16 == 0
     layer = _int8(w)

@@ -28,9 +28,17 @@ def run_batched(llama_cpp, path: str, prompts: list[list[int]], gen_len: int, co
     prompt_len = len(prompts[0])
     n_ctx = concurrency * (prompt_len + gen_len) + 16
     n_batch = max(512, concurrency)
-    llm = Llama(path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=concurrency,
-                n_threads=num_threads, n_threads_batch=num_threads, verbose=False, logits_all=False)
-    ctx = llm._ctx.ctx
+    # The high-level Llama object loads the weights; the context is made here because llama-cpp-python
+    # 0.3.36 does not pass n_seq_max on to it (its context then holds a single sequence).
+    llm = Llama(path, n_ctx=256, n_threads=num_threads, n_threads_batch=num_threads, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+    params.n_seq_max = concurrency
+    params.n_threads = params.n_threads_batch = num_threads
+    params.kv_unified = True
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context")
     n_vocab = llm.n_vocab()
     batch = llama_cpp.llama_batch_init(n_batch, 0, concurrency)
 
@@ -71,6 +79,7 @@ def run_batched(llama_cpp, path: str, prompts: list[list[int]], gen_len: int, co
         decode_time += time.perf_counter() - ts
     wall = time.perf_counter() - t0
     llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
     total = len(prompts) * (prompt_len + gen_len)
     return {"total_tps": total / wall, "gen_tps": len(prompts) * gen_len / wall,
             "decode_tps": len(prompts) * (gen_len - 1) / decode_time, "wall": wall}

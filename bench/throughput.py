@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--max-prompts-at-1", type=int, default=8,
                         help="prompts run at concurrency 1 (the full set takes minutes per engine)")
     parser.add_argument("--engines", default="roofline,transformers,llama.cpp")
+    parser.add_argument("--modes", default="none,auto",
+                        help="roofline quantization modes: none (fp32 weights), auto (the GGUF's own Q4_1 as int4), int8")
     args = parser.parse_args()
 
     from roofline.loaders import resolve_model_path
@@ -110,9 +112,9 @@ def main() -> None:
     for c in [int(x) for x in args.concurrency.split(",")]:
         n = args.num_prompts if c > 1 else min(args.num_prompts, args.max_prompts_at_1)
         prompts = make_prompts(n, args.prompt_len)
-        if "roofline" in engines:
-            rows.append((c, n, "roofline fp32", bench_roofline(args.model, prompts, args.gen_len, c,
-                                                               dtype="float32")))
+        for mode in args.modes.split(",") if "roofline" in engines else []:
+            rows.append((c, n, f"roofline {mode}", bench_roofline(args.model, prompts, args.gen_len, c,
+                                                                  dtype="float32", quantization=mode)))
         if "transformers" in engines:
             rows.append((c, n, "transformers fp32 (static batch)",
                          bench_transformers(path, prompts, args.gen_len, c)))
@@ -122,7 +124,7 @@ def main() -> None:
                 print("llama.cpp baseline skipped: llama-cpp-python is not installed")
             else:
                 rows.append((c, n, "llama.cpp (GGUF)", r))
-        for row in rows[-3:]:
+        for row in rows[-(len(args.modes.split(',')) + 2):]:
             print(row, flush=True)
     print(f"\n{datetime.date.today()}  {platform.machine()}  {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; prompts of {args.prompt_len} tokens, {args.gen_len} generated each\n")

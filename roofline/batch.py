@@ -25,11 +25,12 @@ from pydantic import ValidationError
 from roofline.errors import ContextOverflowError, InvalidRequestError, RooflineError
 from roofline.outputs import CompletionOutput, RequestOutput
 from roofline.sampling_params import SamplingParams
+from roofline.server.chat import chat_token_logprob
 from roofline.server.config import ServerConfig
 from roofline.server.errors import APIError
 from roofline.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                                      ChatResponseMessage, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
-                                      CompletionRequest, CompletionResponse, TopLogprob)
+                                      ChatResponseMessage, CompletionChoice, CompletionLogprobs,
+                                      CompletionRequest, CompletionResponse)
 from roofline.server.sampling import check_request, finite_logprob, sampling_params, usage
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -210,17 +211,6 @@ def completion_body(job: BatchRequest, model: str, tokenizer) -> dict:
     return body.model_dump(mode="json")
 
 
-def _chat_logprob(tid: int, entry: dict, num_top: int, token_text) -> ChatTokenLogprob:
-    chosen = entry.get(tid)
-    text = _token_text(entry, tid, token_text)
-    top = [TopLogprob(token=e.decoded_token or "", logprob=finite_logprob(e.logprob),
-                      bytes=list((e.decoded_token or "").encode()))
-           for e in sorted(entry.values(), key=lambda e: e.rank) if e.rank <= num_top][:num_top]
-    return ChatTokenLogprob(token=text, logprob=finite_logprob(chosen.logprob) if chosen else -9999.0,
-                            bytes=list(text.encode()), top_logprobs=top,
-                            processed_logprob=finite_logprob(chosen.processed_logprob) if chosen else None)
-
-
 def chat_body(job: BatchRequest, model: str, tokenizer) -> dict:
     """The /v1/chat/completions response body of a finished line."""
     req, out = job.request, job.outputs[0]
@@ -228,7 +218,7 @@ def chat_body(job: BatchRequest, model: str, tokenizer) -> dict:
     for c in out.outputs:
         logprobs = None
         if req.logprobs:
-            logprobs = ChatLogprobs(content=[_chat_logprob(tid, entry, req.top_logprobs or 0, tokenizer.token_text)
+            logprobs = ChatLogprobs(content=[chat_token_logprob(tid, entry, req.top_logprobs or 0, tokenizer.token_text)
                                              for tid, entry in zip(c.token_ids, c.logprobs or [])])
         choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
                                   finish_reason=c.finish_reason))

@@ -90,7 +90,8 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
     return ChatPlan(req, stream, rid, now())
 
 
-def _token_logprob(tid: int, entry: dict[int, Logprob], num_top: int, token_text) -> ChatTokenLogprob:
+def chat_token_logprob(tid: int, entry: dict[int, Logprob], num_top: int, token_text) -> ChatTokenLogprob:
+    """One chat `logprobs.content` item: the chosen token's raw logprob and its top alternatives."""
     chosen = entry.get(tid)
     text = chosen.decoded_token if chosen and chosen.decoded_token is not None else token_text(tid)
     top = [TopLogprob(token=e.decoded_token or "", logprob=finite_logprob(e.logprob),
@@ -107,7 +108,7 @@ def _logprobs(req: ChatCompletionRequest, c: CompletionOutput, start: int,
         return None, start
     entries = c.logprobs or []
     end = max(min(len(c.token_ids), len(entries)), start)
-    content = [_token_logprob(c.token_ids[k], entries[k], req.top_logprobs or 0, token_text)
+    content = [chat_token_logprob(c.token_ids[k], entries[k], req.top_logprobs or 0, token_text)
                for k in range(start, end)]
     return ChatLogprobs(content=content), end
 

@@ -146,6 +146,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
              f"matmul        {flops}",
              f"op overhead   {profile.op_overhead_s * 1e6:.1f} us per tiny op",
              f"disk read     {format_rate(profile.disk_bandwidth, 'B/s')}"]
+    for dtype, points in (profile.matmul_curve or {}).items():
+        lines.append(f"{dtype} by rows  " + ", ".join(f"{rows:.0f}: {format_rate(rate, 'FLOP/s')}"
+                                                    for rows, rate in points))
+    if profile.decode_layer_overhead_s is not None:
+        lines.append(f"layer cost    {profile.decode_layer_overhead_s * 1e6:.0f} us decode, "
+                     f"{(profile.prefill_layer_overhead_s or 0.0) * 1e6:.0f} us prefill chunk "
+                     "(this runtime's decoder layer, dispatch only)")
     if profile.host_link_bandwidth is not None:
         lines.append(f"host->device  {format_rate(profile.host_link_bandwidth, 'B/s')} (pinned)")
     lines += [f"note          {note}" for note in profile.notes]

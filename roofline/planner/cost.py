@@ -30,6 +30,9 @@ class StepCost:
     disk_s: float = 0.0  # offload: weights read from disk
     host_attention_s: float = 0.0  # offload: CPU attention over KV held in host RAM
     overhead_s: float = 0.0  # fixed per-layer costs: kernel launches, op dispatch
+    # KV reads run as their own ops after the matmuls (an eager runtime with a measured matmul curve,
+    # whose matmul time already includes reading the weights): they add rather than overlap.
+    is_kv_serial: bool = False
 
     @property
     def memory_s(self) -> float:
@@ -39,6 +42,9 @@ class StepCost:
     @property
     def time_s(self) -> float:
         """Step time: the slowest overlapped stream plus communication."""
+        if self.is_kv_serial:
+            return max(self.weight_read_s, self.compute_s, self.host_link_s, self.disk_s,
+                       self.host_attention_s) + self.kv_read_s + self.comm_s + self.overhead_s
         return max(self.memory_s, self.compute_s, self.host_link_s, self.disk_s,
                    self.host_attention_s) + self.comm_s + self.overhead_s
 
@@ -109,9 +115,10 @@ def decode_stage_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, batch: 
     return StepCost(
         weight_read_s=weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_bytes - kv_host) / hw.memory_bandwidth,
-        compute_s=flops / hw.flops_for(fmt.compute_dtype), comm_s=comm_s,
+        compute_s=flops / hw.matmul_rate(fmt.compute_dtype, batch), comm_s=comm_s,
         host_link_s=link_s, disk_s=disk_s, overhead_s=layers * hw.layer_overhead_s,
-        host_attention_s=kv_host / hw.host_bandwidth if kv_host > 0 else 0.0)
+        host_attention_s=kv_host / hw.host_bandwidth if kv_host > 0 else 0.0,
+        is_kv_serial=hw.has_matmul_curve(fmt.compute_dtype))
 
 
 def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts: int,
@@ -134,9 +141,11 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
     return StepCost(
         weight_read_s=num_chunks * weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_written - kv_host) / hw.memory_bandwidth,
-        compute_s=num_prompts * spec.prefill_flops(prompt_len) / tp / hw.flops_for(fmt.compute_dtype),
+        # Each chunk's matmuls run MAX_BATCHED_TOKENS rows at a time (fewer for a short batch).
+        compute_s=num_prompts * spec.prefill_flops(prompt_len) / tp
+        / hw.matmul_rate(fmt.compute_dtype, min(tokens, MAX_BATCHED_TOKENS)),
         comm_s=comm_s, host_link_s=link_s, disk_s=disk_s,
-        overhead_s=num_chunks * spec.num_layers * hw.layer_overhead_s)
+        overhead_s=num_chunks * spec.num_layers * hw.prefill_overhead_s())
 
 
 def arithmetic_intensity(spec: ModelSpec, layout: Layout, batch: int, context: float) -> float:

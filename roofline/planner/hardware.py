@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from roofline.errors import ConfigError
@@ -42,6 +43,10 @@ class HardwareSpec:
     reserved_bytes: float = GPU_RESERVED_BYTES  # memory the runtime holds outside the planner's terms
     is_cpu: bool = False  # the "device" is the CPU itself: offload goes to disk only
     layer_overhead_s: float = GPU_LAYER_OVERHEAD_S  # fixed seconds per layer per forward pass
+    prefill_layer_overhead_s: float | None = None  # per layer of a prefill chunk; None: layer_overhead_s
+    # Measured achieved matmul FLOP/s by dtype against rows (tokens) per step: ((rows, FLOP/s), ...)
+    # ascending; None: every matmul runs at `flops` (the datasheet/large-matmul peak).
+    matmul_curve: dict[str, tuple[tuple[float, float], ...]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "memory_bandwidth", "interconnect_bandwidth"):
@@ -60,6 +65,34 @@ class HardwareSpec:
                 return self.flops[key]
         # A dtype without hardware support runs dequantized in the fastest float dtype.
         return max(self.flops.get(key, 0.0) for key in FLOAT_DTYPES)
+
+    def _curve(self, dtype: str) -> tuple[tuple[float, float], ...] | None:
+        alias = {"bf16": "fp16", "fp16": "bf16"}.get(dtype)
+        return next((self.matmul_curve[key] for key in (dtype, alias)
+                     if key is not None and self.matmul_curve and self.matmul_curve.get(key)), None)
+
+    def has_matmul_curve(self, dtype: str) -> bool:
+        """Whether matmuls in dtype have a measured rate-against-rows curve (a calibrated profile)."""
+        return self._curve(dtype) is not None
+
+    def matmul_rate(self, dtype: str, rows: float) -> float:
+        """Achieved matmul FLOP/s in dtype at `rows` tokens per step: the measured curve interpolated
+        in log rows (clamped at its ends) when the hardware has one for dtype, else flops_for(dtype)."""
+        curve = self._curve(dtype)
+        if not curve:
+            return self.flops_for(dtype)
+        points = sorted(curve)
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (r0, f0), (r1, f1) in zip(points, points[1:]):
+            if rows <= r1:
+                t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+                return f0 + t * (f1 - f0)
+        return points[-1][1]
+
+    def prefill_overhead_s(self) -> float:
+        """Fixed seconds per layer of one prefill chunk."""
+        return self.layer_overhead_s if self.prefill_layer_overhead_s is None else self.prefill_layer_overhead_s
 
     def has_dtype(self, dtype: str) -> bool:
         """Whether the device has native matmul support for dtype."""
@@ -123,6 +156,10 @@ def hardware_from_mapping(raw: dict, where: str) -> HardwareSpec:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: flops must map dtype to FLOP/s, e.g. {{bf16: 312T}}")
             values[key] = {dtype: parse_quantity(rate, f"{where} flops.{dtype}") for dtype, rate in value.items()}
+        elif key == "matmul_curve":
+            values[key] = None if value is None else {
+                dtype: tuple((float(rows), parse_quantity(rate, f"{where} matmul_curve.{dtype}"))
+                             for rows, rate in points) for dtype, points in value.items()}
         elif key in ("name", "is_cpu"):
             values[key] = value
         elif value is not None:

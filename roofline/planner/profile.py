@@ -45,6 +45,10 @@ class CalibrationProfile:
     host_link_bandwidth: float | None = None  # pinned host->device copy, GPU only
     host_memory_bytes: float = 0.0  # host RAM next to a GPU
     host_bandwidth: float | None = None  # host RAM read bandwidth next to a GPU
+    # achieved matmul FLOP/s by dtype against rows per step: [[rows, FLOP/s], ...], weights out of cache
+    matmul_curve: dict[str, list[list[float]]] | None = None
+    decode_layer_overhead_s: float | None = None  # one decoder layer of this runtime, one decode token
+    prefill_layer_overhead_s: float | None = None  # one decoder layer, one prompt chunk
     is_quick: bool = False  # measured with --quick (small sizes, noisier)
     created: str = ""  # ISO timestamp
     notes: list[str] = field(default_factory=list)  # caveats found while measuring
@@ -59,7 +63,13 @@ class CalibrationProfile:
             interconnect_bandwidth=self.host_link_bandwidth or self.copy_bandwidth,
             host_link_bandwidth=self.host_link_bandwidth, host_memory_bytes=self.host_memory_bytes,
             host_bandwidth=self.host_bandwidth or self.read_bandwidth, disk_bandwidth=self.disk_bandwidth,
-            usd_per_hour=0.0, is_cpu=is_cpu, layer_overhead_s=EAGER_OPS_PER_LAYER * self.op_overhead_s,
+            usd_per_hour=0.0, is_cpu=is_cpu,
+            # The measured decoder layer when the profile has one, else ops per layer x one op.
+            layer_overhead_s=(self.decode_layer_overhead_s if self.decode_layer_overhead_s is not None
+                              else EAGER_OPS_PER_LAYER * self.op_overhead_s),
+            prefill_layer_overhead_s=self.prefill_layer_overhead_s,
+            matmul_curve={dtype: tuple((rows, rate) for rows, rate in points)
+                          for dtype, points in (self.matmul_curve or {}).items()} or None,
             reserved_bytes=min(CPU_RESERVED_BYTES if is_cpu else GPU_RESERVED_BYTES, self.memory_bytes / 4))
 
 

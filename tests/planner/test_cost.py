@@ -116,3 +116,25 @@ def test_worked_example_in_docs():
     assert p.prefill_s == pytest.approx(173.4e-3, rel=1e-3) and p.ttft_s == pytest.approx(192.6e-3, rel=1e-3)
     assert p.throughput_tok_s == pytest.approx(1027, rel=1e-3)
     assert p.usd_per_mtok == pytest.approx(4.87, rel=1e-3)
+
+
+def test_measured_matmul_curve_sets_compute_and_kv_adds():
+    curve = ((1.0, 1e10), (16.0, 8e10), (512.0, 2e11))
+    cpu = dataclasses.replace(hardware_presets()["cpu"], memory_bandwidth=20e9, flops={"fp32": 2e11},
+                              layer_overhead_s=1e-4, prefill_layer_overhead_s=2e-4,
+                              matmul_curve={"fp32": curve})
+    spec = model_presets()["smollm2-135m"]
+    layout = Layout(get_weight_format("fp32"), "fp32")
+    step = decode_stage_cost(spec, cpu, layout, batch=4, context=128)
+    assert step.is_kv_serial
+    flops = 4 * (spec.matmul_flops_per_token + spec.attention_flops(128) + spec.lm_head_flops)
+    assert step.compute_s == pytest.approx(flops / cpu.matmul_rate("fp32", 4))
+    assert step.overhead_s == pytest.approx(spec.num_layers * 1e-4)
+    assert step.time_s == pytest.approx(max(step.weight_read_s, step.compute_s) + step.kv_read_s + step.overhead_s)
+    prefill = prefill_cost(spec, cpu, layout, num_prompts=8, prompt_len=128)  # one chunk of 1024 rows
+    assert prefill.compute_s == pytest.approx(8 * spec.prefill_flops(128) / 2e11)
+    assert prefill.overhead_s == pytest.approx(spec.num_layers * 2e-4)
+    # Without a curve (presets, old profiles) the roofline overlaps KV reads with compute as before.
+    plain = decode_stage_cost(spec, dataclasses.replace(cpu, matmul_curve=None), layout, batch=4, context=128)
+    assert not plain.is_kv_serial and plain.compute_s == pytest.approx(flops / 2e11)
+    assert plain.time_s == pytest.approx(max(plain.memory_s, plain.compute_s) + plain.overhead_s)

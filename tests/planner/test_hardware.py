@@ -85,3 +85,35 @@ def test_cache_dir_respects_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv("ROOFLINE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_profile_path().parent == tmp_path / "roofline"
+
+
+def test_matmul_rate_interpolates_the_measured_curve_in_log_rows():
+    cpu = hardware_presets()["cpu"]
+    assert cpu.matmul_rate("fp32", 64) == cpu.flops_for("fp32")  # no curve: the peak
+    assert not cpu.has_matmul_curve("fp32")
+    measured = with_overrides(cpu, {"matmul_curve": {"bf16": ((1.0, 1e10), (16.0, 5e10), (256.0, 1e11))}})
+    assert measured.has_matmul_curve("fp16") and not measured.has_matmul_curve("fp32")
+    assert measured.matmul_rate("bf16", 0.5) == 1e10 and measured.matmul_rate("bf16", 1e4) == 1e11  # clamped
+    assert measured.matmul_rate("bf16", 4) == pytest.approx(3e10)  # halfway from 1 to 16 in log rows
+    assert measured.matmul_rate("fp16", 64) == pytest.approx(7.5e10)
+    assert measured.prefill_overhead_s() == measured.layer_overhead_s
+    assert with_overrides(cpu, {"prefill_layer_overhead_s": 2e-4}).prefill_overhead_s() == 2e-4
+
+
+def test_local_profile_carries_measured_curve_and_layer_overheads(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROOFLINE_CACHE_DIR", str(tmp_path))
+    profile = CalibrationProfile(device="cpu", num_threads=2, memory_bytes=16e9, read_bandwidth=40e9,
+                                 copy_bandwidth=40e9, gemv_bandwidth=24e9, matmul_flops={"fp32": 2e11},
+                                 disk_bandwidth=1e9, op_overhead_s=1e-6,
+                                 matmul_curve={"fp32": [[1.0, 1e10], [512.0, 2e11]]},
+                                 decode_layer_overhead_s=1e-4, prefill_layer_overhead_s=1.5e-4)
+    save_profile(profile, default_profile_path())
+    local = load_hardware("local")
+    assert local.layer_overhead_s == 1e-4 and local.prefill_overhead_s() == 1.5e-4
+    assert local.matmul_rate("fp32", 1) == 1e10 and local.matmul_rate("fp32", 512) == 2e11
+
+
+def test_curve_in_a_hardware_file(tmp_path):
+    spec_file = tmp_path / "box.json"
+    spec_file.write_text(json.dumps({"base": "cpu", "matmul_curve": {"fp32": [[1, "10G"], [64, "100G"]]}}))
+    assert load_hardware(str(spec_file)).matmul_rate("fp32", 64) == 1e11

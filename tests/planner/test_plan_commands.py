@@ -74,6 +74,9 @@ def test_calibrate_quick_then_plan_local(tmp_path, monkeypatch, capsys):
     profile = json.loads((tmp_path / "hardware-local.json").read_text())
     assert profile["gemv_bandwidth"] > 0 and profile["matmul_flops"]["fp32"] > 0
     assert profile["disk_bandwidth"] > 0 and profile["is_quick"]
+    rows = [point[0] for point in profile["matmul_curve"]["fp32"]]
+    assert rows == sorted(rows) and rows[0] == 1 and all(rate > 0 for _, rate in profile["matmul_curve"]["fp32"])
+    assert profile["decode_layer_overhead_s"] >= 0 and profile["prefill_layer_overhead_s"] >= 0
     assert run(["plan", "smollm2-135m", "--hardware", "local", "--context", "512"]) == 0
     assert "1 x local" in capsys.readouterr().out
 

@@ -1,4 +1,4 @@
-"""Command line: `roofline generate | chat | batch | serve | plan | calibrate | bench`."""
+"""Command line: `roofline generate | chat | batch | serve | plan | calibrate`."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from roofline import LLM, SamplingParams
-from roofline.errors import ModelLoadError
 from roofline.loaders import default_model_path, open_model
+
+from loader_errors import expect_load_error
 
 TOL = 1e-4
 
@@ -209,22 +210,12 @@ def test_converted_tiny_model_logits_match_its_stored_weights(name, qtype, tmp_p
 
 # ---- damaged and unsupported files: one-line ModelLoadError ----
 
-def _load_error(model: str, *fragments: str) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        LLM(model=model, dtype="float32", device="cpu", kv_cache_memory=16 << 20, show_progress=True)
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message
-    return message
-
-
 @pytest.mark.parametrize("num_bytes", [1 << 20, 16, 4])
 def test_truncated_default_model(tmp_path, num_bytes):
     path = tmp_path / "truncated.gguf"
     with open(default_model_path(), "rb") as f:
         path.write_bytes(f.read(num_bytes))
-    _load_error(str(path), "truncated.gguf")
+    expect_load_error(str(path), "truncated.gguf")
 
 
 def test_gguf_with_tensor_data_cut_short(tmp_path, reference):
@@ -236,7 +227,7 @@ def test_gguf_with_tensor_data_cut_short(tmp_path, reference):
                GGMLQuantizationType.F32)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(full.read_bytes()[:-1000])
-    _load_error(str(cut), "cut.gguf")
+    expect_load_error(str(cut), "cut.gguf")
 
 
 def test_gguf_of_an_unsupported_architecture(tmp_path):
@@ -250,7 +241,7 @@ def test_gguf_of_an_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    message = _load_error(path, "'gpt2'", "not supported")
+    message = expect_load_error(path, "'gpt2'", "not supported")
     for supported in ("llama", "mistral", "qwen2", "qwen3"):
         assert supported in message
 
@@ -260,4 +251,4 @@ def test_gguf_with_an_unsupported_tensor_type(tmp_path, reference):
 
     path = str(tmp_path / "q5.gguf")
     write_gguf(reference.build_hf_model(reference.specs["qwen3-qknorm-headdim32"]), path, GGMLQuantizationType.Q5_0)
-    _load_error(path, "Q5_0", "Q4_K")
+    expect_load_error(path, "Q5_0", "Q4_K")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 import psutil
@@ -41,7 +40,7 @@ class _Group:
         return all(r.status.is_finished for r in self.samples)
 
 
-def kv_cache_budget(config: EngineConfig, device: torch.device, weight_bytes: int) -> int:
+def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
     """Bytes for the KV cache: explicit, or a share of free memory."""
     cache = config.cache
     if cache.memory_bytes is not None:
@@ -66,7 +65,7 @@ class LLMEngine:
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or limit, limit)
         bs = config.cache.block_size
-        budget = kv_cache_budget(config, self.runner.device, self.runner.weight_bytes)
+        budget = kv_cache_budget(config, self.runner.device)
         block_bytes = bs * self.runner.kv_bytes_per_token
         num_blocks = budget // block_bytes
         if num_blocks * bs < self.max_model_len and config.scheduler.max_model_len is None and num_blocks > 0:
@@ -81,7 +80,7 @@ class LLMEngine:
             min(config.cache.swap_space_bytes // block_bytes, num_blocks)
         self.runner.allocate_kv_cache(num_blocks, bs, num_swap)
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
-        self.scheduler = Scheduler(config.scheduler, self.max_model_len, self.kv, self._preemption_mode)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode)
         self.groups: dict[str, _Group] = {}
         self._owner: dict[str, str] = {}  # sample request id -> user request id
         self._seed_counter = itertools.count()

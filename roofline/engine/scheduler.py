@@ -65,10 +65,9 @@ def recompute_always(request: Request) -> str:
 class Scheduler:
     """Iteration-level scheduler over a waiting queue and a running set."""
 
-    def __init__(self, config: SchedulerConfig, max_model_len: int, kv: KVCacheManager,
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
                  preemption_policy: PreemptionPolicy = recompute_always) -> None:
         self.config = config
-        self.max_model_len = max_model_len
         self.kv = kv
         self.preemption_policy = preemption_policy
         self.waiting: list[Request] = []

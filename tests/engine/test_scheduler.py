@@ -71,7 +71,7 @@ def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_
                    num_swap_blocks: int = 0, policy=None, prefix_caching: bool = True):
     kv = KVCacheManager(num_blocks, BS, prefix_caching, num_swap_blocks)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    sched = Scheduler(config, 1024, kv, policy) if policy else Scheduler(config, 1024, kv)
+    sched = Scheduler(config, kv, policy) if policy else Scheduler(config, kv)
     return sched, FakeRunner(kv, num_swap_blocks)
 
 

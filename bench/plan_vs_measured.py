@@ -1,12 +1,21 @@
 """The planner's predictions against the runtime's measured rates, on the default model.
 
-    python bench/plan_vs_measured.py [--model default] [--hardware local] [--batches 1,4,16,64]
-                                     [--prompt-len 128] [--gen-len 32] [--quantization none]
+    python bench/plan_vs_measured.py [--model default] [--hardware local | --calibrate]
+                                     [--batches 1,4,16,64] [--prompt-len 128] [--decode-steps 8]
+                                     [--repeats 3] [--quantization none] [--weight-format fp32]
 
-Needs a calibration profile for `--hardware local` (`roofline calibrate`). For each batch size it
-measures prefill tok/s (all prompts prefilled together, one engine step per `max_num_batched_tokens`)
-and decode tok/s (decode-only steps), and prints them beside the planner's prediction with the
-relative error. Run it alone on a quiet machine.
+For each batch size B it measures, with the engine's own step loop:
+- prefill: B random prompts with max_tokens=1, so every step is prefill only (chunks of
+  max_num_batched_tokens); rate = B x prompt_len / total step time.
+- decode: B requests prefilled first (steps until none is waiting or mid-prompt), then
+  `--decode-steps` steps in which exactly B sequences decode one token each; rate = B x steps /
+  their time, at the mean context those steps attended (passed to the planner).
+Each figure is the best of `--repeats` runs (fresh prompts each), as calibrate keeps the best of
+its repeats: on a shared machine the best run is the one least disturbed by neighbours.
+
+`--calibrate` measures the machine in this process first (as `roofline calibrate`, not saved), so
+the profile and the measurements see the same machine state; otherwise `--hardware local` reads
+the saved profile. Run it alone on a quiet machine.
 """
 
 from __future__ import annotations
@@ -16,71 +25,121 @@ import datetime
 import os
 import platform
 import time
+from dataclasses import dataclass
 
 import torch
 
 from roofline import LLM, SamplingParams
 from roofline.planner import load_hardware, load_model_spec, predict_rates
+from roofline.planner.calibrate import calibrate
+
+VOCAB_LOW, VOCAB_HIGH = 10, 40000  # random prompt token ids, clear of special tokens
 
 
-def measure(llm: LLM, batch: int, prompt_len: int, gen_len: int, seed: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of `batch` random prompts run together."""
-    engine = llm.engine
+@dataclass
+class Measured:
+    """One batch size's best prefill and decode rates, and the context its decode steps attended."""
+
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_context: float
+
+
+def _prompts(batch: int, prompt_len: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(10, 40000, (batch, prompt_len), generator=g).tolist()
-    params = SamplingParams(temperature=0, max_tokens=gen_len, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"b{batch}-{seed}-{i}", p, params)
-    prefill_time = decode_time = 0.0
-    decode_tokens = 0
+    return torch.randint(VOCAB_LOW, VOCAB_HIGH, (batch, prompt_len), generator=g).tolist()
+
+
+def _is_prefilling(engine) -> bool:
+    return bool(engine.scheduler.waiting) or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
+
+
+def measure_prefill(llm: LLM, batch: int, prompt_len: int, seed: int) -> float:
+    """Prompt tok/s of `batch` prompts prefilled together (max_tokens=1: no decode step runs)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i, prompt in enumerate(_prompts(batch, prompt_len, seed)):
+        engine.add_request(f"p{seed}-{i}", prompt, params)
+    begin = time.perf_counter()
     while engine.has_unfinished_requests():
-        is_prefill = bool(engine.scheduler.waiting) or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
-        t0 = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t0
-        if is_prefill:
-            prefill_time += dt
-        else:
-            decode_time += dt
-            decode_tokens += len(outs)
-    return batch * prompt_len / prefill_time, decode_tokens / decode_time
+        engine.step()
+    return batch * prompt_len / (time.perf_counter() - begin)
+
+
+def measure_decode(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: int) -> tuple[float, float]:
+    """(tok/s, mean context) of `num_steps` decode steps with exactly `batch` sequences running."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=10 * num_steps + prompt_len, ignore_eos=True)
+    ids = [f"d{seed}-{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, _prompts(batch, prompt_len, seed)):
+        engine.add_request(rid, prompt, params)
+    while _is_prefilling(engine):
+        engine.step()
+    running = engine.scheduler.running
+    if len(running) != batch:
+        raise RuntimeError(f"{len(running)} sequences running, not {batch}: raise max_num_seqs or the KV budget")
+    # Each step attends the tokens cached so far plus the new one: num_tokens before the step.
+    contexts = []
+    begin = time.perf_counter()
+    for _ in range(num_steps):
+        contexts.append(sum(r.num_tokens for r in running) / batch)
+        engine.step()
+    seconds = time.perf_counter() - begin
+    engine.abort(ids)
+    return batch * num_steps / seconds, sum(contexts) / len(contexts)
+
+
+def measure(llm: LLM, batch: int, prompt_len: int, num_steps: int, repeats: int) -> Measured:
+    """Best of `repeats` runs of each measurement, fresh prompts every run."""
+    prefill = max(measure_prefill(llm, batch, prompt_len, seed=1000 * batch + r) for r in range(repeats))
+    decodes = [measure_decode(llm, batch, prompt_len, num_steps, seed=2000 * batch + r) for r in range(repeats)]
+    decode, context = max(decodes)
+    return Measured(prefill, decode, context)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--hardware", default="local")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure the machine in this process first instead of reading --hardware")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quantization", default="none", help="runtime quantization (none = fp32 weights)")
     parser.add_argument("--weight-format", default="fp32", help="the planner's weight format for that mode")
     args = parser.parse_args()
 
     batches = [int(b) for b in args.batches.split(",")]
     spec = load_model_spec(args.model)
-    hw = load_hardware(args.hardware)
     llm = LLM(args.model, dtype="float32", quantization=args.quantization, max_num_seqs=max(batches),
               max_num_batched_tokens=512, kv_cache_memory=1 << 30, enable_prefix_caching=False)
-    measure(llm, 1, 16, 4, seed=99)  # warm-up
+    if args.calibrate:
+        hw, source = calibrate().to_hardware(), "calibrated in this process"
+    else:
+        hw, source = load_hardware(args.hardware), f"profile {args.hardware}"
+    measure(llm, 1, 16, 2, repeats=1)  # warm-up
     rows = []
     for b in batches:
-        prefill, decode = measure(llm, b, args.prompt_len, args.gen_len, seed=b)
+        got = measure(llm, b, args.prompt_len, args.decode_steps, args.repeats)
         pred = predict_rates(spec, hw, b, args.prompt_len, weight_format=args.weight_format,
-                             decode_context=args.prompt_len + args.gen_len / 2)
-        rows.append((b, pred, prefill, decode))
+                             decode_context=got.decode_context)
+        rows.append((b, pred, got))
     print(f"\n{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; hardware profile: {args.hardware}; model {args.model} "
-          f"({args.quantization}); prompt {args.prompt_len}, {args.gen_len} generated\n")
-    print("| batch | prefill predicted | prefill measured | error | decode predicted | decode measured | error "
-          "| decode bound |")
-    print("|---|---|---|---|---|---|---|---|")
-    for b, pred, prefill, decode in rows:
-        e_p = pred.prefill_tok_s / prefill - 1
-        e_d = pred.decode_tok_s / decode - 1
-        print(f"| {b} | {pred.prefill_tok_s:.0f} | {prefill:.0f} | {e_p:+.0%} | {pred.decode_tok_s:.1f} | "
-              f"{decode:.1f} | {e_d:+.0%} | {pred.decode_bound} |")
+          f"{torch.get_num_threads()} threads; hardware: {source}; model {args.model} ({args.quantization}); "
+          f"prompt {args.prompt_len}, {args.decode_steps} decode steps, best of {args.repeats}\n")
+    print("| batch | prefill predicted | prefill measured | error | decode context | decode predicted "
+          "| decode measured | error | decode bound | decode step's largest term |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b, pred, got in rows:
+        e_p = pred.prefill_tok_s / got.prefill_tok_s - 1
+        e_d = pred.decode_tok_s / got.decode_tok_s - 1
+        term, share = pred.decode_term
+        print(f"| {b} | {pred.prefill_tok_s:.0f} | {got.prefill_tok_s:.0f} | {e_p:+.0%} | {got.decode_context:.0f} "
+              f"| {pred.decode_tok_s:.1f} | {got.decode_tok_s:.1f} | {e_d:+.0%} | {pred.decode_bound} "
+              f"| {term} {share:.0%} |")
 
 
 if __name__ == "__main__":

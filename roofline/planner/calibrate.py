@@ -6,10 +6,11 @@ import datetime
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from roofline.planner.calibrate_runtime import CURVE_WIDTHS, QUICK_CURVE_WIDTHS, measure_runtime
 from roofline.planner.profile import CalibrationProfile
 
 MB = 1 << 20
@@ -18,14 +19,6 @@ HALF_BYTES = 2
 DISK_CHUNK = 8 * MB  # read/write buffer of the disk test
 TINY_OPS = 2000  # ops timed by the overhead test
 TINY_ELEMENTS = 576  # a small hidden size: the op is all overhead
-# Row counts (tokens in one step) of the matmul-throughput curve, and (in, out) widths of the weights.
-CURVE_ROWS = (1, 4, 16, 64, 256, 512)
-CURVE_SHAPES = ((1024, 4096), (4096, 1024))
-# The tiny model whose decoder layers are timed for the per-layer software cost: every op is dispatch.
-PROBE_HIDDEN = 64
-PROBE_LAYERS = (2, 8)  # forwards through 2 and 8 layers; per layer = time difference / 6
-PROBE_PREFILL_TOKENS = 64
-PROBE_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -41,7 +34,7 @@ class CalibrationSizes:
     disk_bytes: int  # size of the temporary file read back
     repeats: int  # timed repetitions (best is kept)
     budget_s: float  # stop repeating a test after this long
-    curve_bytes: int  # total size of the weights of each matmul-curve shape (past the cache, as a model's are)
+    curve_bytes: int  # weights of each matmul-curve width (past the cache, as a model's are)
 
 
 def calibration_sizes(is_quick: bool) -> CalibrationSizes:
@@ -104,81 +97,6 @@ def measure_matmul(device: str, dtype, n: int, sizes: CalibrationSizes, sync) ->
     b = torch.full((n, n), 0.5, dtype=dtype, device=device)
     seconds = _best_time(lambda: a @ b, sync, sizes.repeats, sizes.budget_s)
     return 2 * n**3 / seconds
-
-
-def measure_matmul_curve(device: str, dtype, sizes: CalibrationSizes, sync) -> list[list[float]]:
-    """[[rows, FLOP/s], ...]: achieved rate of x[rows, K] @ W.T over many weights, per row count.
-
-    A model's weights do not fit in the cache, so each shape cycles through matrices totalling
-    sizes.curve_bytes. Few rows read every weight for little arithmetic (the GEMV regime); many rows
-    approach the large-matmul peak. The rate is total FLOPs over total time of all CURVE_SHAPES.
-    """
-    import torch
-
-    element_bytes = torch.finfo(dtype).bits // 8
-    weights = {}
-    for k, n in CURVE_SHAPES:
-        count = max(1, sizes.curve_bytes // (k * n * element_bytes))
-        weights[(k, n)] = [torch.full((n, k), 0.5, dtype=dtype, device=device) for _ in range(count)]
-    curve = []
-    for rows in CURVE_ROWS:
-        flops = seconds = 0.0
-        for (k, n), mats in weights.items():
-            x = torch.full((rows, k), 0.5, dtype=dtype, device=device)  # [rows, K]
-
-            def run(x=x, mats=mats) -> None:
-                for w in mats:
-                    torch.nn.functional.linear(x, w)  # [rows, N]
-
-            seconds += _best_time(run, sync, sizes.repeats, sizes.budget_s)
-            flops += 2.0 * rows * k * n * len(mats)
-        curve.append([float(rows), flops / seconds])
-    return curve
-
-
-def _probe_model(device: str):
-    """A tiny Llama of the runtime's own modules; its ops are all dispatch, no arithmetic to speak of."""
-    from roofline.config import ModelConfig
-    from roofline.models.llama import LlamaForCausalLM
-
-    cfg = ModelConfig(architecture="llama", vocab_size=256, hidden_size=PROBE_HIDDEN,
-                      intermediate_size=2 * PROBE_HIDDEN, num_layers=max(PROBE_LAYERS), num_heads=4,
-                      num_kv_heads=2, head_dim=PROBE_HIDDEN // 4, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).to(device).eval(), cfg
-
-
-def measure_layer_overhead(device: str, sizes: CalibrationSizes, sync) -> tuple[float, float]:
-    """(decode, prefill) seconds per decoder layer of this runtime's eager forward, all overhead.
-
-    Times a tiny model's forward through PROBE_LAYERS layers (the layers run in order until the KV
-    caches run out) for one decode token against 8 cached blocks, and for one prompt chunk of
-    PROBE_PREFILL_TOKENS; the difference over the extra layers is the fixed cost of one layer:
-    norms, projections, rotary, cache writes, attention, MLP, residuals, as dispatched here.
-    """
-    import torch
-
-    from roofline.layers.attention import AttentionMetadata, PrefillChunk
-
-    model, cfg = _probe_model(device)
-    num_blocks = 8
-    shape = (num_blocks, PROBE_BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-              for _ in range(cfg.num_layers)]
-    context = num_blocks * PROBE_BLOCK
-    decode = (torch.tensor([1], device=device), torch.tensor([context - 1], device=device),
-              AttentionMetadata(torch.tensor([context - 1], device=device), 1,
-                                torch.arange(num_blocks, device=device)[None], None, []))
-    tokens = PROBE_PREFILL_TOKENS
-    prefill = (torch.ones(tokens, dtype=torch.long, device=device), torch.arange(tokens, device=device),
-               AttentionMetadata(torch.arange(tokens, device=device), 0, None, None,
-                                 [PrefillChunk(0, tokens, tokens, None, None)]))
-    result = []
-    with torch.inference_mode():
-        for ids, positions, meta in (decode, prefill):
-            times = [_best_time(lambda n=n: model(ids, positions, caches[:n], meta), sync,
-                                4 * sizes.repeats, sizes.budget_s) for n in PROBE_LAYERS]
-            result.append(max(0.0, (times[1] - times[0]) / (PROBE_LAYERS[1] - PROBE_LAYERS[0])))
-    return result[0], result[1]
 
 
 def measure_op_overhead(device: str, sizes: CalibrationSizes, sync) -> float:
@@ -258,15 +176,15 @@ def calibrate(is_quick: bool = False, disk_dir: Path | None = None) -> Calibrati
         host_read_bw, memory, name, h2d = None, _physical_memory(), "cpu", None
     op_overhead = measure_op_overhead(device, sizes, sync)
     # The dtype the runtime computes in here: fp32 on a CPU, bf16 on a GPU.
-    curve_dtype = ("bf16", torch.bfloat16) if is_gpu else ("fp32", torch.float32)
-    curve = {curve_dtype[0]: measure_matmul_curve(device, curve_dtype[1], sizes, sync)}
-    decode_layer_s, prefill_layer_s = measure_layer_overhead(device, sizes, sync)
+    dtype_name, dtype = ("bf16", torch.bfloat16) if is_gpu else ("fp32", torch.float32)
+    runtime = measure_runtime(device, dtype, dtype_name, sizes.curve_bytes, sync, sizes.repeats, sizes.budget_s,
+                              QUICK_CURVE_WIDTHS if is_quick else CURVE_WIDTHS)
     disk_bw, disk_notes = measure_disk(disk_dir, sizes.disk_bytes)
     return CalibrationProfile(
         device=name, num_threads=torch.get_num_threads(), memory_bytes=memory,
         read_bandwidth=read_bw, copy_bandwidth=copy_bw, gemv_bandwidth=gemv_bw, matmul_flops=flops,
         disk_bandwidth=disk_bw, op_overhead_s=op_overhead, host_link_bandwidth=h2d,
-        matmul_curve=curve, decode_layer_overhead_s=decode_layer_s, prefill_layer_overhead_s=prefill_layer_s,
+        runtime=asdict(runtime),
         host_memory_bytes=_physical_memory() if is_gpu else 0.0, host_bandwidth=host_read_bw,
         is_quick=is_quick, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         notes=notes + disk_notes)

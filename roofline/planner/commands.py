@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from roofline.errors import ConfigError, RooflineError
+from roofline.planner.eager import RuntimeCosts
 from roofline.planner.hardware import HardwareSpec, with_overrides
 from roofline.planner.hardware_source import load_hardware
 from roofline.planner.layout import Workload
@@ -124,6 +125,25 @@ def run_plan(args: argparse.Namespace) -> int:
     return EXIT_OK if result.plans and result.is_slo_met else EXIT_NO_PLAN
 
 
+def runtime_lines(rc: RuntimeCosts) -> list[str]:
+    """What calibrate measured of this runtime's eager costs, one line per term."""
+    lines = []
+    for label, by_kernel in (("layers", rc.layer_curves), ("head", rc.head_curves)):
+        for kernel, curves in by_kernel.items():
+            name = rc.dtype if kernel == "float" else kernel
+            for width, points in curves:
+                lines.append(f"{label} {name} h={width}".ljust(22) + ", ".join(
+                    f"{rows:.0f}: {format_rate(rate, 'FLOP/s')}" for rows, rate in points) + "  (rows: rate)")
+    lines += [f"layer ops     {rc.layer_dispatch_s * 1e6:.0f} us dispatch per layer + "
+              f"{rc.element_s * 1e12:.0f} ps per activation element",
+              f"attention     decode {rc.decode_attention_s * 1e6:.0f} us per layer + "
+              f"KV at {format_rate(rc.decode_kv_bandwidth, 'B/s')}; "
+              f"prefill {rc.prefill_attention_s * 1e6:.0f} us per chunk + {rc.prefill_attention_unit_s * 1e12:.0f} "
+              "ps per causal pair x head dim x query head",
+              f"sampling      {rc.sample_row_s * 1e6:.0f} us per sequence + {rc.sample_logit_s * 1e12:.0f} ps per logit"]
+    return lines
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     """`roofline calibrate`: measure, save the profile and print what was measured."""
     from roofline.planner.calibrate import calibrate
@@ -146,13 +166,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
              f"matmul        {flops}",
              f"op overhead   {profile.op_overhead_s * 1e6:.1f} us per tiny op",
              f"disk read     {format_rate(profile.disk_bandwidth, 'B/s')}"]
-    for dtype, points in (profile.matmul_curve or {}).items():
-        lines.append(f"{dtype} by rows  " + ", ".join(f"{rows:.0f}: {format_rate(rate, 'FLOP/s')}"
-                                                    for rows, rate in points))
-    if profile.decode_layer_overhead_s is not None:
-        lines.append(f"layer cost    {profile.decode_layer_overhead_s * 1e6:.0f} us decode, "
-                     f"{(profile.prefill_layer_overhead_s or 0.0) * 1e6:.0f} us prefill chunk "
-                     "(this runtime's decoder layer, dispatch only)")
+    if profile.runtime is not None:
+        lines += runtime_lines(profile.to_hardware().runtime)
     if profile.host_link_bandwidth is not None:
         lines.append(f"host->device  {format_rate(profile.host_link_bandwidth, 'B/s')} (pinned)")
     lines += [f"note          {note}" for note in profile.notes]

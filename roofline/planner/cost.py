@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from roofline.planner import eager
+from roofline.planner.formats import WeightFormat
 from roofline.planner.hardware import HardwareSpec
 from roofline.planner.layout import Layout
 from roofline.planner.memory import (MAX_BATCHED_TOKENS, kv_bytes_per_token_per_device,
@@ -30,6 +32,10 @@ class StepCost:
     disk_s: float = 0.0  # offload: weights read from disk
     host_attention_s: float = 0.0  # offload: CPU attention over KV held in host RAM
     overhead_s: float = 0.0  # fixed per-layer costs: kernel launches, op dispatch
+    # Measured eager-runtime terms (a calibrated profile), run between the matmuls so they add:
+    attention_s: float = 0.0  # paged attention: cache writes, block gathers, SDPA (KV reads included)
+    elementwise_s: float = 0.0  # norms, rotary, SwiGLU, residual adds over the step's activations
+    sampling_s: float = 0.0  # sampler and per-sequence engine work
     # KV reads run as their own ops after the matmuls (an eager runtime with a measured matmul curve,
     # whose matmul time already includes reading the weights): they add rather than overlap.
     is_kv_serial: bool = False
@@ -40,20 +46,26 @@ class StepCost:
         return self.weight_read_s + self.kv_read_s
 
     @property
+    def serial_s(self) -> float:
+        """Terms that run on their own, between the overlapped streams."""
+        return self.comm_s + self.overhead_s + self.attention_s + self.elementwise_s + self.sampling_s
+
+    @property
     def time_s(self) -> float:
-        """Step time: the slowest overlapped stream plus communication."""
+        """Step time: the slowest overlapped stream plus the serial terms."""
         if self.is_kv_serial:
             return max(self.weight_read_s, self.compute_s, self.host_link_s, self.disk_s,
-                       self.host_attention_s) + self.kv_read_s + self.comm_s + self.overhead_s
+                       self.host_attention_s) + self.kv_read_s + self.serial_s
         return max(self.memory_s, self.compute_s, self.host_link_s, self.disk_s,
-                   self.host_attention_s) + self.comm_s + self.overhead_s
+                   self.host_attention_s) + self.serial_s
 
     @property
     def bound(self) -> str:
         """Which ceiling limits the step: memory, compute, transfer (offload) or communication."""
         overlapped = {"memory": self.memory_s, "compute": self.compute_s,
                       "transfer": max(self.host_link_s, self.disk_s, self.host_attention_s)}
-        if self.overhead_s > max(overlapped.values()) and self.overhead_s > self.comm_s:
+        eager = self.overhead_s + self.attention_s + self.elementwise_s + self.sampling_s
+        if eager > max(overlapped.values()) and eager > self.comm_s:
             return "overhead"
         if self.comm_s > max(overlapped.values()):
             return "communication"
@@ -65,7 +77,9 @@ class StepCost:
                  "matmul FLOPs": self.compute_s, "tensor-parallel communication": self.comm_s,
                  "weight/KV transfer over the host link": self.host_link_s,
                  "weight reads from disk": self.disk_s, "CPU attention over host KV": self.host_attention_s,
-                 "per-layer launch/dispatch overhead": self.overhead_s}
+                 "per-layer launch/dispatch overhead": self.overhead_s,
+                 "paged attention": self.attention_s, "elementwise ops": self.elementwise_s,
+                 "sampling": self.sampling_s}
         name = max(terms, key=terms.__getitem__)
         return name, terms[name] / self.time_s if self.time_s > 0 else 0.0
 
@@ -112,6 +126,20 @@ def decode_stage_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, batch: 
     link_s, disk_s = _offload_terms(hw, layout, weight_bytes, 0.0)
     comm_s = ALLREDUCES_PER_LAYER * layers * allreduce_s(
         hw, tp, batch * spec.hidden_size * fmt.activation_bytes)
+    if hw.runtime is not None:
+        rc = hw.runtime
+        layer_flops = batch * spec.matmul_flops_per_token * layer_share / tp
+        return StepCost(
+            weight_read_s=weight_bytes / hw.memory_bandwidth, kv_read_s=0.0,
+            compute_s=_eager_matmul_s(spec, hw, fmt, layer_flops, batch * spec.lm_head_flops / tp,
+                                      batch, batch),
+            comm_s=comm_s, host_link_s=link_s, disk_s=disk_s, overhead_s=layers * rc.layer_dispatch_s,
+            host_attention_s=kv_host / hw.host_bandwidth if kv_host > 0 else 0.0,
+            attention_s=placement.kv_on_device * eager.decode_attention_s(
+                rc, layers, batch, context,
+                KV_TENSORS * spec.kv_heads_per_rank(tp) * spec.head_dim * layout.kv_bytes),
+            elementwise_s=eager.elementwise_s(rc, layers, batch, _elements_per_token(spec, tp)),
+            sampling_s=eager.sampling_s(rc, batch, spec.vocab_size))
     return StepCost(
         weight_read_s=weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_bytes - kv_host) / hw.memory_bandwidth,
@@ -125,6 +153,8 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
                  prompt_len: int) -> StepCost:
     """Prefill of num_prompts prompts through the whole model (all stages in turn), per tensor rank."""
     tp, fmt, placement = layout.tp, layout.weight_format, layout.placement
+    if hw.runtime is not None:
+        return _eager_prefill_cost(spec, hw, layout, num_prompts, prompt_len)
     tokens = num_prompts * prompt_len
     # Chunked prefill reads every weight once per chunk of MAX_BATCHED_TOKENS.
     num_chunks = math.ceil(tokens / MAX_BATCHED_TOKENS)
@@ -146,6 +176,55 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
         / hw.matmul_rate(fmt.compute_dtype, min(tokens, MAX_BATCHED_TOKENS)),
         comm_s=comm_s, host_link_s=link_s, disk_s=disk_s,
         overhead_s=num_chunks * spec.num_layers * hw.prefill_overhead_s())
+
+
+def _elements_per_token(spec: ModelSpec, tp: int) -> float:
+    """Activation elements per token per layer on one tensor-parallel rank (heads and MLP split)."""
+    return eager.activation_elements(spec.hidden_size, spec.intermediate_size / tp, spec.num_heads / tp,
+                                     spec.kv_heads_per_rank(tp), spec.head_dim)
+
+
+def _eager_matmul_s(spec: ModelSpec, hw: HardwareSpec, fmt: WeightFormat, layer_flops: float, head_flops: float,
+                    layer_rows: float, head_rows: float) -> float:
+    """Matmul seconds on a calibrated runtime: the measured curve of the kernel that runs `fmt` (it includes
+    reading the weights), else FLOPs at the hardware's rate for the format's compute dtype (unmeasured)."""
+    rc = hw.runtime
+    layer_kernel, head_kernel = rc.kernels(fmt)
+    width, dtype = spec.hidden_size, fmt.compute_dtype
+    layers = (eager.layers_matmul_s(rc, layer_kernel, width, layer_flops, layer_rows) if layer_kernel
+              else layer_flops / hw.matmul_rate(dtype, layer_rows))
+    head = (eager.head_matmul_s(rc, head_kernel, width, head_flops, head_rows) if head_kernel
+            else head_flops / hw.matmul_rate(dtype, head_rows))
+    return layers + head
+
+
+def _eager_prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts: int,
+                        prompt_len: int) -> StepCost:
+    """Prefill on a calibrated eager runtime: its scheduler's chunks, measured matmul curves, dispatch,
+    elementwise work, causal attention per chunk and sampling of each prompt's first token."""
+    rc, tp, fmt, placement = hw.runtime, layout.tp, layout.weight_format, layout.placement
+    tokens = num_prompts * prompt_len
+    num_steps, num_chunks = eager.prompt_chunks(num_prompts, prompt_len, rc.chunk_tokens)
+    layers = spec.num_layers
+    weight_bytes = (layers * spec.layer_params_per_rank(tp) + _head_params(spec) / tp) * fmt.bytes_per_weight
+    kv_per_token = KV_TENSORS * layers * spec.kv_heads_per_rank(tp) * spec.head_dim * layout.kv_bytes
+    kv_host = tokens * kv_per_token * (1.0 - placement.kv_on_device)
+    link_s, disk_s = _offload_terms(hw, layout, num_steps * weight_bytes, kv_host)
+    activation_bytes = tokens * spec.hidden_size * fmt.activation_bytes
+    comm_s = ALLREDUCES_PER_LAYER * layers * allreduce_s(hw, tp, activation_bytes, num_steps)
+    if layout.pp > 1:
+        comm_s += (layout.pp - 1) * p2p_s(hw, activation_bytes)
+    rows = min(tokens, rc.chunk_tokens)
+    compute_s = _eager_matmul_s(spec, hw, fmt, tokens * spec.matmul_flops_per_token / tp,
+                                num_prompts * spec.lm_head_flops / tp, rows, max(1.0, num_prompts / num_steps))
+    causal_pairs = num_prompts * prompt_len * (prompt_len + 1) / 2
+    return StepCost(
+        weight_read_s=num_steps * weight_bytes / hw.memory_bandwidth, kv_read_s=0.0, compute_s=compute_s,
+        comm_s=comm_s, host_link_s=link_s, disk_s=disk_s, overhead_s=num_steps * layers * rc.layer_dispatch_s,
+        attention_s=eager.prefill_attention_s(rc, layers, num_chunks, causal_pairs, spec.num_heads / tp,
+                                              spec.head_dim),
+        elementwise_s=eager.elementwise_s(rc, layers, tokens, _elements_per_token(spec, tp)),
+        sampling_s=eager.sampling_s(rc, num_prompts, spec.vocab_size))
 
 
 def arithmetic_intensity(spec: ModelSpec, layout: Layout, batch: int, context: float) -> float:

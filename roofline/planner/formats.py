@@ -33,6 +33,9 @@ class WeightFormat:
     bits_per_weight: float  # storage bits per weight, scales and zero points included
     compute_dtype: str  # key of HardwareSpec.flops the matmuls run at
     activation_bytes: int  # bytes per activation element (4 for fp32 compute, else 2)
+    # The kernel roofline's own runtime runs the decoder layers' matmuls with: "float" (the activation
+    # dtype), "int8" or "int4"; None where it has none. A quantized format's LM head runs in int8.
+    runtime_kernel: str | None = "float"
 
     def __post_init__(self) -> None:
         if self.bits_per_weight <= 0:
@@ -44,10 +47,19 @@ class WeightFormat:
         return self.bits_per_weight / 8
 
 
+# GGUF types roofline's runtime decodes into its int4 kernel's layout; it runs other quantized types as int8.
+GGUF_INT4_KERNEL_TYPES = ("q4_0", "q4_1", "q4_k")
+
+
+def gguf_runtime_kernel(type_name: str) -> str:
+    """The runtime kernel ("int4" or "int8") that serves a GGUF tensor type (e.g. "Q4_1")."""
+    return "int4" if type_name.lower() in GGUF_INT4_KERNEL_TYPES else "int8"
+
+
 def _gguf_format(name: str) -> WeightFormat:
     block_bytes, block_weights = GGUF_BLOCKS[name]
     # llama.cpp quantizes activations to 8 bits and runs integer dot products on these blocks.
-    return WeightFormat(name, 8 * block_bytes / block_weights, "int8", 2)
+    return WeightFormat(name, 8 * block_bytes / block_weights, "int8", 2, gguf_runtime_kernel(name))
 
 
 def weight_formats() -> dict[str, WeightFormat]:
@@ -56,10 +68,10 @@ def weight_formats() -> dict[str, WeightFormat]:
         "fp32": WeightFormat("fp32", 32, "fp32", 4),
         "bf16": WeightFormat("bf16", 16, "bf16", 2),
         "fp16": WeightFormat("fp16", 16, "fp16", 2),
-        "fp8": WeightFormat("fp8", 8, "fp8", 2),  # per-tensor scale: negligible overhead
-        "int8": WeightFormat("int8", 8, "int8", 2),  # W8A8 with per-channel scales: negligible overhead
+        "fp8": WeightFormat("fp8", 8, "fp8", 2, None),  # per-tensor scale: negligible overhead
+        "int8": WeightFormat("int8", 8, "int8", 2, "int8"),  # W8A8 with per-channel scales: negligible overhead
         # W4A16: weights dequantized in the kernel, matmuls in bf16.
-        "int4": WeightFormat("int4", 4 + 2 * FP16_BITS / INT4_GROUP_SIZE, "bf16", 2),
+        "int4": WeightFormat("int4", 4 + 2 * FP16_BITS / INT4_GROUP_SIZE, "bf16", 2, "int4"),
     }
     formats.update({name: _gguf_format(name) for name in GGUF_BLOCKS})
     return formats
@@ -74,9 +86,10 @@ def get_weight_format(name: str) -> WeightFormat:
     return formats[key]
 
 
-def mixed_format(name: str, bits_per_weight: float) -> WeightFormat:
-    """A file's own mix of formats (e.g. a GGUF with Q4_1 layers and a Q8_0 embedding) as one average."""
-    return WeightFormat(name, bits_per_weight, "int8", 2)
+def mixed_format(name: str, bits_per_weight: float, runtime_kernel: str = "int8") -> WeightFormat:
+    """A file's own mix of formats (e.g. a GGUF with Q4_1 layers and a Q8_0 embedding) as one average;
+    runtime_kernel is the kernel roofline's runtime serves its decoder layers with."""
+    return WeightFormat(name, bits_per_weight, "int8", 2, runtime_kernel)
 
 
 # Bytes per KV cache element by format.

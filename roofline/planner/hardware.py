@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 from roofline.errors import ConfigError
+from roofline.planner.eager import RuntimeCosts, interpolate_curve
 from roofline.planner.units import parse_quantity
 
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
@@ -47,6 +47,9 @@ class HardwareSpec:
     # Measured achieved matmul FLOP/s by dtype against rows (tokens) per step: ((rows, FLOP/s), ...)
     # ascending; None: every matmul runs at `flops` (the datasheet/large-matmul peak).
     matmul_curve: dict[str, tuple[tuple[float, float], ...]] | None = None
+    # This runtime's measured eager costs (a calibrated `local` profile): when set, steps are charged
+    # the runtime's matmul curves by width, dispatch, elementwise work, paged attention and sampling.
+    runtime: RuntimeCosts | None = None
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "memory_bandwidth", "interconnect_bandwidth"):
@@ -79,16 +82,7 @@ class HardwareSpec:
         """Achieved matmul FLOP/s in dtype at `rows` tokens per step: the measured curve interpolated
         in log rows (clamped at its ends) when the hardware has one for dtype, else flops_for(dtype)."""
         curve = self._curve(dtype)
-        if not curve:
-            return self.flops_for(dtype)
-        points = sorted(curve)
-        if rows <= points[0][0]:
-            return points[0][1]
-        for (r0, f0), (r1, f1) in zip(points, points[1:]):
-            if rows <= r1:
-                t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
-                return f0 + t * (f1 - f0)
-        return points[-1][1]
+        return interpolate_curve(curve, rows) if curve else self.flops_for(dtype)
 
     def prefill_overhead_s(self) -> float:
         """Fixed seconds per layer of one prefill chunk."""
@@ -160,6 +154,8 @@ def hardware_from_mapping(raw: dict, where: str) -> HardwareSpec:
             values[key] = None if value is None else {
                 dtype: tuple((float(rows), parse_quantity(rate, f"{where} matmul_curve.{dtype}"))
                              for rows, rate in points) for dtype, points in value.items()}
+        elif key == "runtime":
+            values[key] = None if value is None else RuntimeCosts.from_mapping(value)
         elif key in ("name", "is_cpu"):
             values[key] = value
         elif value is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from roofline.errors import ModelLoadError
-from roofline.planner.formats import WeightFormat, get_weight_format, mixed_format
+from roofline.planner.formats import WeightFormat, get_weight_format, gguf_runtime_kernel, mixed_format
 from roofline.planner.model_presets import model_presets
 from roofline.planner.model_spec import ModelSpec, spec_from_config
 
@@ -35,6 +35,10 @@ def native_format(source) -> WeightFormat | None:
     if reader is not None:
         tensors = reader.tensors
         bits = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
-        return mixed_format(f"gguf({bits:.2f}b)", bits)
+        # The runtime serves a layer int4 only when all its matrices are int4-decodable (quantization "auto").
+        layer_types = {kind for name, kind in source.tensor_types().items()
+                       if ".layers." in name and name.endswith("_proj.weight")}
+        is_int4 = bool(layer_types) and all(gguf_runtime_kernel(kind) == "int4" for kind in layer_types)
+        return mixed_format(f"gguf({bits:.2f}b)", bits, "int4" if is_int4 else "int8")
     dtype = getattr(source, "config", {}).get("torch_dtype")  # an HFDirectory
     return get_weight_format(HF_TORCH_DTYPES[dtype]) if dtype in HF_TORCH_DTYPES else None

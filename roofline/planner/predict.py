@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from roofline.planner.cost import StepCost, decode_stage_cost, p2p_s, prefill_cost
-from roofline.planner.formats import default_kv_format, get_weight_format
+from roofline.planner.formats import WeightFormat, default_kv_format, get_weight_format
 from roofline.planner.hardware import HardwareSpec
 from roofline.planner.layout import Layout, Workload
 from roofline.planner.model_spec import ModelSpec
@@ -77,16 +77,23 @@ class RatePrediction:
     tpot_s: float  # seconds per decode step
     prefill_bound: str  # memory | compute | ...
     decode_bound: str
+    decode_term: tuple[str, float]  # the decode step's largest term and its share of the step
+
+
+def runtime_kv_format(hw: HardwareSpec, fmt: WeightFormat) -> str:
+    """The KV format an engine keeps by default: a calibrated runtime's activation dtype, else fmt's."""
+    return hw.runtime.dtype if hw.runtime is not None else default_kv_format(fmt)
 
 
 def predict_rates(spec: ModelSpec, hw: HardwareSpec, batch: int, prompt_len: int,
-                  weight_format: str = "fp32", kv_format: str | None = None,
+                  weight_format: str | WeightFormat = "fp32", kv_format: str | None = None,
                   decode_context: float | None = None) -> RatePrediction:
     """Prefill and decode tok/s of one device running `batch` sequences (decode at decode_context tokens)."""
-    fmt = get_weight_format(weight_format)
-    layout = Layout(fmt, kv_format or default_kv_format(fmt))
+    fmt = get_weight_format(weight_format) if isinstance(weight_format, str) else weight_format
+    layout = Layout(fmt, kv_format or runtime_kv_format(hw, fmt))
     prefill = prefill_cost(spec, hw, layout, batch, prompt_len)
     step = decode_stage_cost(spec, hw, layout, batch, prompt_len if decode_context is None else decode_context)
     return RatePrediction(
         batch=batch, prefill_tok_s=batch * prompt_len / prefill.time_s, decode_tok_s=batch / step.time_s,
-        prefill_s=prefill.time_s, tpot_s=step.time_s, prefill_bound=prefill.bound, decode_bound=step.bound)
+        prefill_s=prefill.time_s, tpot_s=step.time_s, prefill_bound=prefill.bound, decode_bound=step.bound,
+        decode_term=step.dominant_term())

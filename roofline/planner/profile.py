@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from roofline.errors import ConfigError
+from roofline.planner.eager import RuntimeCosts
 from roofline.planner.hardware import CPU_RESERVED_BYTES, GPU_RESERVED_BYTES, HardwareSpec
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the runtime's eager costs replace v1's matmul curve and layer cost
 PROFILE_FILE = "hardware-local.json"
 # Eager PyTorch ops in one Llama block: norms, projections, rotary, cache writes, attention, MLP, residuals.
 EAGER_OPS_PER_LAYER = 32
@@ -45,10 +46,7 @@ class CalibrationProfile:
     host_link_bandwidth: float | None = None  # pinned host->device copy, GPU only
     host_memory_bytes: float = 0.0  # host RAM next to a GPU
     host_bandwidth: float | None = None  # host RAM read bandwidth next to a GPU
-    # achieved matmul FLOP/s by dtype against rows per step: [[rows, FLOP/s], ...], weights out of cache
-    matmul_curve: dict[str, list[list[float]]] | None = None
-    decode_layer_overhead_s: float | None = None  # one decoder layer of this runtime, one decode token
-    prefill_layer_overhead_s: float | None = None  # one decoder layer, one prompt chunk
+    runtime: dict | None = None  # this runtime's eager costs: RuntimeCosts as a dict (see planner/eager.py)
     is_quick: bool = False  # measured with --quick (small sizes, noisier)
     created: str = ""  # ISO timestamp
     notes: list[str] = field(default_factory=list)  # caveats found while measuring
@@ -57,6 +55,7 @@ class CalibrationProfile:
     def to_hardware(self) -> HardwareSpec:
         """The HardwareSpec `--hardware local` means: the achievable (GEMV) bandwidth, measured FLOP/s."""
         is_cpu = self.host_link_bandwidth is None
+        runtime = RuntimeCosts.from_mapping(self.runtime) if self.runtime is not None else None
         return HardwareSpec(
             name="local", memory_bytes=self.memory_bytes, memory_bandwidth=self.gemv_bandwidth,
             flops=dict(self.matmul_flops),
@@ -64,12 +63,10 @@ class CalibrationProfile:
             host_link_bandwidth=self.host_link_bandwidth, host_memory_bytes=self.host_memory_bytes,
             host_bandwidth=self.host_bandwidth or self.read_bandwidth, disk_bandwidth=self.disk_bandwidth,
             usd_per_hour=0.0, is_cpu=is_cpu,
-            # The measured decoder layer when the profile has one, else ops per layer x one op.
-            layer_overhead_s=(self.decode_layer_overhead_s if self.decode_layer_overhead_s is not None
+            # The measured decoder layer when the profile has the runtime's costs, else ops per layer x one op.
+            layer_overhead_s=(runtime.layer_dispatch_s if runtime is not None
                               else EAGER_OPS_PER_LAYER * self.op_overhead_s),
-            prefill_layer_overhead_s=self.prefill_layer_overhead_s,
-            matmul_curve={dtype: tuple((rows, rate) for rows, rate in points)
-                          for dtype, points in (self.matmul_curve or {}).items()} or None,
+            runtime=runtime,
             reserved_bytes=min(CPU_RESERVED_BYTES if is_cpu else GPU_RESERVED_BYTES, self.memory_bytes / 4))
 
 
@@ -88,7 +85,9 @@ def load_profile(path: Path | None = None) -> CalibrationProfile:
         raw = json.loads(path.read_text())
         if raw.get("version") != PROFILE_VERSION:
             raise ConfigError(f"hardware profile {path} has an old format: run `roofline calibrate` again")
-        return CalibrationProfile(**raw)
-    except (json.JSONDecodeError, TypeError) as error:
+        profile = CalibrationProfile(**raw)
+        profile.to_hardware()  # the runtime costs must parse too
+        return profile
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as error:
         raise ConfigError(f"hardware profile {path} is unreadable ({error}): "
                           "run `roofline calibrate` again") from None

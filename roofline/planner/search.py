@@ -6,12 +6,12 @@ import enum
 from dataclasses import dataclass, field
 
 from roofline.errors import ConfigError
-from roofline.planner.formats import WeightFormat, default_kv_format, get_weight_format
+from roofline.planner.formats import WeightFormat, get_weight_format
 from roofline.planner.hardware import HardwareSpec
 from roofline.planner.layout import FRACTION_TOLERANCE, Layout, Placement, Workload
 from roofline.planner.memory import MemoryBreakdown, max_batch, memory_needed
 from roofline.planner.model_spec import ModelSpec
-from roofline.planner.predict import Prediction, predict
+from roofline.planner.predict import Prediction, predict, runtime_kv_format
 from roofline.planner.units import Slo
 
 DEFAULT_MAX_BATCH = 1024  # a scheduler's cap on concurrent sequences
@@ -83,6 +83,9 @@ def candidate_formats(spec: ModelSpec, hw: HardwareSpec, names: tuple[str, ...] 
     native = spec.native_format
     if native is not None and native.name not in {f.name for f in formats} and native.bits_per_weight < 16:
         formats.append(native)
+    if hw.runtime is not None:
+        # A calibrated runtime: the formats it runs here with measured kernels (others need --quant).
+        formats = [fmt for fmt in formats if hw.runtime.kernels(fmt)[0] is not None]
     return formats
 
 
@@ -107,7 +110,7 @@ def candidate_layouts(spec: ModelSpec, hw: HardwareSpec, request: PlanRequest) -
     degrees = [d for d in (2**i for i in range(request.count.bit_length())) if d <= request.count]
     layouts = []
     for fmt in candidate_formats(spec, hw, request.weight_formats):
-        kv_formats = {default_kv_format(fmt)} | (set() if hw.is_cpu else {"fp8"})
+        kv_formats = {runtime_kv_format(hw, fmt)} | (set() if hw.is_cpu else {"fp8"})
         for kv in sorted(kv_formats):
             for tp in (d for d in degrees if spec.supports_tp(d)):
                 for pp in (d for d in degrees if tp * d <= request.count and d <= spec.num_layers):

@@ -100,17 +100,31 @@ def test_matmul_rate_interpolates_the_measured_curve_in_log_rows():
     assert with_overrides(cpu, {"prefill_layer_overhead_s": 2e-4}).prefill_overhead_s() == 2e-4
 
 
-def test_local_profile_carries_measured_curve_and_layer_overheads(tmp_path, monkeypatch):
+def test_local_profile_carries_the_runtime_costs(tmp_path, monkeypatch, rc):
+    from dataclasses import asdict
+
     monkeypatch.setenv("ROOFLINE_CACHE_DIR", str(tmp_path))
     profile = CalibrationProfile(device="cpu", num_threads=2, memory_bytes=16e9, read_bandwidth=40e9,
                                  copy_bandwidth=40e9, gemv_bandwidth=24e9, matmul_flops={"fp32": 2e11},
-                                 disk_bandwidth=1e9, op_overhead_s=1e-6,
-                                 matmul_curve={"fp32": [[1.0, 1e10], [512.0, 2e11]]},
-                                 decode_layer_overhead_s=1e-4, prefill_layer_overhead_s=1.5e-4)
+                                 disk_bandwidth=1e9, op_overhead_s=1e-6, runtime=asdict(rc))
     save_profile(profile, default_profile_path())
     local = load_hardware("local")
-    assert local.layer_overhead_s == 1e-4 and local.prefill_overhead_s() == 1.5e-4
-    assert local.matmul_rate("fp32", 1) == 1e10 and local.matmul_rate("fp32", 512) == 2e11
+    assert local.runtime == rc and local.layer_overhead_s == rc.layer_dispatch_s
+
+
+def test_old_or_broken_profiles_say_run_calibrate_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROOFLINE_CACHE_DIR", str(tmp_path))
+    path = default_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": 1, "device": "cpu"}))
+    with pytest.raises(ConfigError, match="old format: run `roofline calibrate` again"):
+        load_hardware("local")
+    profile = CalibrationProfile(device="cpu", num_threads=2, memory_bytes=16e9, read_bandwidth=40e9,
+                                 copy_bandwidth=40e9, gemv_bandwidth=24e9, matmul_flops={"fp32": 2e11},
+                                 disk_bandwidth=1e9, op_overhead_s=1e-6, runtime={"dtype": "fp32"})
+    save_profile(profile, path)
+    with pytest.raises(ConfigError, match="unreadable .*run `roofline calibrate` again"):
+        load_hardware("local")
 
 
 def test_curve_in_a_hardware_file(tmp_path):

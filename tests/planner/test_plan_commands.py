@@ -74,9 +74,12 @@ def test_calibrate_quick_then_plan_local(tmp_path, monkeypatch, capsys):
     profile = json.loads((tmp_path / "hardware-local.json").read_text())
     assert profile["gemv_bandwidth"] > 0 and profile["matmul_flops"]["fp32"] > 0
     assert profile["disk_bandwidth"] > 0 and profile["is_quick"]
-    rows = [point[0] for point in profile["matmul_curve"]["fp32"]]
-    assert rows == sorted(rows) and rows[0] == 1 and all(rate > 0 for _, rate in profile["matmul_curve"]["fp32"])
-    assert profile["decode_layer_overhead_s"] >= 0 and profile["prefill_layer_overhead_s"] >= 0
+    runtime = profile["runtime"]
+    for width, points in [pair for kind in ("layer_curves", "head_curves") for curves in runtime[kind].values()
+                          for pair in curves]:
+        rows = [point[0] for point in points]
+        assert width > 0 and rows == sorted(rows) and rows[0] == 1 and all(rate > 0 for _, rate in points)
+    assert runtime["decode_kv_bandwidth"] > 0 and runtime["element_s"] >= 0 and runtime["layer_dispatch_s"] >= 0
     assert run(["plan", "smollm2-135m", "--hardware", "local", "--context", "512"]) == 0
     assert "1 x local" in capsys.readouterr().out
 
@@ -84,7 +87,7 @@ def test_calibrate_quick_then_plan_local(tmp_path, monkeypatch, capsys):
 def test_calibrate_output_path(tmp_path, capsys):
     target = tmp_path / "sub" / "profile.json"
     assert run(["calibrate", "--quick", "--output", str(target), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["version"] == 1 and target.is_file()
+    assert json.loads(capsys.readouterr().out)["version"] == 2 and target.is_file()
 
 
 @pytest.mark.parametrize("model", ["opt-175b", "qwen2.5-72b", "mistral-7b", "llama-3.1-405b"])

@@ -1,0 +1,326 @@
+"""Measure this runtime's eager costs (RuntimeCosts) with its own modules: matmul curves by width,
+layer dispatch and elementwise work, paged attention, sampling.
+
+Every probe runs over data larger than the last-level cache (a model's weights and KV cache are),
+keeps the best of several repeats (the run least disturbed by other processes), and fits a fixed
+cost plus a per-unit cost from two sizes where a term has both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from roofline.config import SchedulerConfig
+from roofline.planner.eager import Curve, RuntimeCosts, activation_elements
+
+CURVE_ROWS = (1, 4, 16, 64, 256, 512)  # tokens per step the matmul curves are measured at
+CURVE_WIDTHS = (512, 2048)  # hidden sizes of the layer- and head-shaped weights
+QUICK_CURVE_WIDTHS = (512,)  # --quick: one width (other widths clamp to it)
+HEAD_ROWS = 32768  # vocabulary rows of the head-shaped weight at the smallest width (fewer when wider)
+MLP_RATIO = 8 / 3  # Llama's intermediate / hidden
+KV_RATIO = 4  # query heads per KV head of the probe layers
+PROBE_HEAD_DIM = 64
+PROBE_WIDTH = 512  # hidden size of the dispatch/elementwise and attention probes
+PROBE_LAYERS = 8  # layers the probes cycle through, so KV blocks are not cache-resident
+# The probe caches hold this many times the blocks attended, which are picked at random: a running
+# engine's blocks lie scattered over a large cache, and gathering them so costs ~1.6x a compact copy.
+CACHE_SPREAD = 4
+BLOCK_SIZE = 16
+DECODE_POINTS = ((1, BLOCK_SIZE + 1), (32, 16 * BLOCK_SIZE + 1))  # (sequences, context) of the attention probe
+PREFILL_CHUNKS = (64, 256)  # prompt chunk lengths of the prefill-attention probe
+ELEMENT_TOKENS = (1, 512)  # tokens through the elementwise probe (512: the runtime's default chunk)
+SAMPLE_ROWS = (1, 64)
+PROBE_REPEATS_PER_REPEAT = 6
+SAMPLE_VOCAB = 32768
+
+
+def _best(fn: Callable[[], object], sync: Callable[[], None], repeats: int, budget_s: float) -> float:
+    """Best wall time of fn over up to `repeats` runs after two warm-ups, stopping after budget_s."""
+    for _ in range(2):  # the first runs fault in fresh pages for the outputs
+        fn()
+    sync()
+    best, started = float("inf"), time.perf_counter()
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - begin)
+        if time.perf_counter() - started > budget_s:
+            break
+    return best
+
+
+def _fit(x0: float, t0: float, x1: float, t1: float) -> tuple[float, float]:
+    """(fixed, per unit) of the line through (x0, t0) and (x1, t1), both clamped at zero."""
+    per_unit = max(0.0, (t1 - t0) / (x1 - x0))
+    return max(0.0, t0 - per_unit * x0), per_unit
+
+
+def _intermediate(width: int) -> int:
+    return 64 * round(MLP_RATIO * width / 64)
+
+
+def layer_shapes(width: int) -> list[tuple[int, int]]:
+    """(in, out) of one Llama layer's packed matmuls at hidden `width`: qkv, o, gate_up, down."""
+    inter = _intermediate(width)
+    return [(width, width + 2 * width // KV_RATIO), (width, width), (width, 2 * inter), (inter, width)]
+
+
+def _float_linear(k: int, n: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from roofline.layers.linear import Linear
+
+    layer = Linear(k, [n]).to(device=device, dtype=dtype)
+    layer.weight.data.fill_(0.01)
+    return layer
+
+
+def _int8_linear(k: int, n: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from roofline.quant.linear import Int8Linear
+
+    layer = Int8Linear(k, [n], device=torch.device(device))
+    layer.weight.data.random_(-100, 100)
+    layer.scale.fill_(0.01)
+    layer.finalize()
+    return layer
+
+
+def _int4_linear(k: int, n: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from roofline.quant.linear import Int4Linear
+
+    layer = Int4Linear(k, [n], INT4_GROUP_SIZE, device=torch.device(device))
+    layer.weight.data.random_(0, 16)
+    layer.scale.fill_(0.01)
+    layer.offset.fill_(-0.08)
+    layer.finalize()
+    return layer
+
+
+def _float_head(vocab: int, width: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from roofline.layers.embedding import LMHead
+
+    head = LMHead(vocab, width).to(device=device, dtype=dtype)
+    head.weight.data.fill_(0.01)
+    return head
+
+
+def _int8_head(vocab: int, width: int, dtype: torch.dtype, device: str) -> nn.Module:
+    from roofline.quant.embedding import Int8LMHead
+
+    head = Int8LMHead(vocab, width, device=torch.device(device))
+    head.weights.qweight.random_(-100, 100)
+    head.weights.scale.fill_(0.01)
+    head.weights.scale_bf16.fill_(0.01)
+    return head
+
+
+# The runtime's matmul kernels: float (the activation dtype), int8 and int4 linears, and their heads
+# (a quantized model's head is int8), with the bytes each stores per weight.
+LAYER_KERNELS = {"float": (_float_linear, None), "int8": (_int8_linear, 1.0), "int4": (_int4_linear, 0.5)}
+HEAD_KERNELS = {"float": _float_head, "int8": _int8_head}
+COMPUTE_BOUND_ROWS = 64  # from here on the curve's matmuls reuse each weight enough to be compute-bound
+INT4_GROUP_SIZE = 32  # the group the runtime's int4 layers use by default (and GGUF Q4 blocks hold)
+
+
+def _rate(modules: list[nn.Module], inputs: dict[int, torch.Tensor], rows: int, sync, repeats: int,
+          budget_s: float) -> float:
+    """FLOP/s of running every module on `rows` rows of its input width."""
+    seconds = _best(lambda: [m(inputs[m.in_features]) for m in modules], sync, repeats, budget_s)
+    return 2.0 * rows * sum(m.in_features * m.out_features for m in modules) / seconds
+
+
+def _share(modules: list[nn.Module], rows: int, per_layer: int) -> list[nn.Module]:
+    """The weights timed at `rows`: all of them up to COMPUTE_BOUND_ROWS rows, fewer (whole layers) past
+    it, where each weight is reused `rows` times and cache residency no longer matters: it saves time."""
+    num_layers = len(modules) // per_layer
+    keep = max(1, math.ceil(num_layers * min(1.0, COMPUTE_BOUND_ROWS / rows)))
+    return modules[: keep * per_layer]
+
+
+def measure_curves(device: str, dtype: torch.dtype, total_bytes: int, sync, repeats: int, budget_s: float,
+                   widths: tuple[int, ...] = CURVE_WIDTHS) -> tuple[dict[str, tuple[tuple[int, Curve], ...]], dict[str, tuple[tuple[int, Curve], ...]]]:
+    """(layer curves, head curves) by kernel: achieved FLOP/s against rows at each of `widths`.
+
+    Weights total about `total_bytes` per kernel and width (half that for the quantized kernels, whose
+    weights are built from random codes): past the last-level cache, as a model's are.
+    """
+    float_bytes = torch.finfo(dtype).bits // 8
+    layer_curves: dict[str, list] = {kind: [] for kind in LAYER_KERNELS}
+    head_curves: dict[str, list] = {kind: [] for kind in HEAD_KERNELS}
+    for width in widths:
+        params_per_layer = sum(k * n for k, n in layer_shapes(width))
+        inputs_by_rows = {rows: {k: torch.full((rows, k), 0.5, dtype=dtype, device=device)
+                                 for k in {width, _intermediate(width)}} for rows in CURVE_ROWS}
+        for kind, (build, weight_bytes) in LAYER_KERNELS.items():
+            budget = total_bytes if weight_bytes is None else total_bytes / 2
+            num_layers = max(1, int(budget // (params_per_layer * (weight_bytes or float_bytes))))
+            modules = [build(k, n, dtype, device) for _ in range(num_layers) for k, n in layer_shapes(width)]
+            layer_curves[kind].append((width, tuple(
+                (float(rows), _rate(_share(modules, rows, len(layer_shapes(width))), inputs_by_rows[rows], rows,
+                                    sync, repeats, budget_s))
+                for rows in CURVE_ROWS)))
+            del modules
+        for kind, build in HEAD_KERNELS.items():
+            element = float_bytes if kind == "float" else 1
+            vocab = max(1024, min(HEAD_ROWS, int(total_bytes // (width * element))))
+            head = build(vocab, width, dtype, device)
+            points = []
+            for rows in CURVE_ROWS:
+                x = inputs_by_rows[rows][width]
+                seconds = _best(lambda: head(x), sync, repeats, budget_s)
+                points.append((float(rows), 2.0 * rows * vocab * width / seconds))
+            head_curves[kind].append((width, tuple(points)))
+            del head
+    return ({kind: tuple(c) for kind, c in layer_curves.items()},
+            {kind: tuple(c) for kind, c in head_curves.items()})
+
+
+class _NoMatmul(nn.Module):
+    """Stands in for a Linear: returns zeros of the output shape, so only the ops around it are timed."""
+
+    def __init__(self, output_sizes: list[int], max_tokens: int, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        self.output_sizes = list(output_sizes)
+        self.buffer = torch.zeros(max_tokens, sum(output_sizes), dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.buffer[: x.shape[0]]
+
+
+class _NoAttention(nn.Module):
+    """Stands in for PagedAttention: the queries, flattened."""
+
+    def forward(self, q, k, v, kv_cache, meta) -> torch.Tensor:
+        return q.reshape(q.shape[0], -1)
+
+
+def _probe_config(layers: int):
+    from roofline.config import ModelConfig
+
+    heads = PROBE_WIDTH // PROBE_HEAD_DIM
+    return ModelConfig(architecture="llama", vocab_size=256, hidden_size=PROBE_WIDTH,
+                       intermediate_size=_intermediate(PROBE_WIDTH), num_layers=layers, num_heads=heads,
+                       num_kv_heads=heads // KV_RATIO, head_dim=PROBE_HEAD_DIM, max_position_embeddings=4096)
+
+
+def measure_elementwise(device: str, dtype: torch.dtype, sync, repeats: int, budget_s: float) -> tuple[float, float]:
+    """(dispatch seconds per layer, seconds per activation element): the runtime's decoder layers with
+    matmuls and attention stubbed out, at ELEMENT_TOKENS tokens."""
+    from roofline.layers.linear import Linear
+    from roofline.models.llama import LlamaForCausalLM
+
+    cfg = _probe_config(PROBE_LAYERS)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    max_tokens = max(ELEMENT_TOKENS)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear):
+                    setattr(parent, name, _NoMatmul(child.output_sizes, max_tokens, dtype, device))
+        layer.self_attn.attn = _NoAttention()
+    times = []
+    with torch.inference_mode():
+        for tokens in ELEMENT_TOKENS:
+            x = torch.full((tokens, PROBE_WIDTH), 0.5, dtype=dtype, device=device)
+            positions = torch.arange(tokens, device=device)
+
+            def run(x=x, positions=positions) -> None:
+                for layer in model.model.layers:
+                    layer(x, positions, None, None)
+
+            times.append(_best(run, sync, repeats, budget_s) / PROBE_LAYERS)
+    elements = activation_elements(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                                   cfg.head_dim)
+    dispatch, per_token = _fit(ELEMENT_TOKENS[0], times[0], ELEMENT_TOKENS[1], times[1])
+    return dispatch, per_token / elements
+
+
+def _attention_inputs(num_seqs: int, context: int, num_new: int, heads: int, kv_heads: int, dtype, device):
+    """KV caches for PROBE_LAYERS layers with num_seqs sequences of `context` tokens in scattered blocks,
+    their block tables [num_seqs, blocks per sequence], and new q/k/v for num_new tokens per sequence."""
+    blocks_per_seq = math.ceil(context / BLOCK_SIZE)
+    num_blocks = CACHE_SPREAD * num_seqs * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, PROBE_HEAD_DIM)
+    caches = [(torch.full(shape, 0.01, dtype=dtype, device=device), torch.full(shape, 0.01, dtype=dtype, device=device))
+              for _ in range(PROBE_LAYERS)]
+    picked = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))[: num_seqs * blocks_per_seq]
+    tables = picked.to(device).view(num_seqs, blocks_per_seq)
+    tokens = num_seqs * num_new
+    q = torch.full((tokens, heads, PROBE_HEAD_DIM), 0.1, dtype=dtype, device=device)
+    k = torch.full((tokens, kv_heads, PROBE_HEAD_DIM), 0.1, dtype=dtype, device=device)
+    return caches, tables, q, k, k.clone()
+
+
+def measure_attention(device: str, dtype: torch.dtype, sync, repeats: int,
+                      budget_s: float) -> tuple[float, float, float, float]:
+    """(decode fixed s, decode KV bytes/s, prefill fixed s per chunk, prefill s per unit) of the runtime's
+    PagedAttention per layer; a prefill unit is one causal query-key pair x query head x head dim."""
+    from roofline.layers.attention import AttentionMetadata, PagedAttention, PrefillChunk
+
+    heads = PROBE_WIDTH // PROBE_HEAD_DIM
+    kv_heads = heads // KV_RATIO
+    attention = PagedAttention(heads, kv_heads, PROBE_HEAD_DIM)
+    decode_times, decode_units = [], []
+    with torch.inference_mode():
+        for num_seqs, context in DECODE_POINTS:
+            caches, tables, q, k, v = _attention_inputs(num_seqs, context, 1, heads, kv_heads, dtype, device)
+            span = tables.shape[1] * BLOCK_SIZE
+            # The last token of each sequence is the new one; the padded tail of its last block is masked.
+            slots = tables[:, -1] * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
+            mask = (torch.arange(span, device=device)[None, :] < context).expand(num_seqs, span)[:, None, None, :]
+            meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), [])
+            decode_times.append(_best(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
+                                      repeats, budget_s) / PROBE_LAYERS)
+            decode_units.append(num_seqs * context * 2 * kv_heads * PROBE_HEAD_DIM * q.element_size())
+            del caches
+        prefill_times, prefill_units = [], []
+        for length in PREFILL_CHUNKS:
+            caches, tables, q, k, v = _attention_inputs(1, length, length, heads, kv_heads, dtype, device)
+            slots = (tables[0, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten()[:length]
+            meta = AttentionMetadata(slots, 0, None, None,
+                                     [PrefillChunk(0, length, length, None, None)])
+            prefill_times.append(_best(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
+                                       repeats, budget_s) / PROBE_LAYERS)
+            prefill_units.append(length * (length + 1) / 2 * heads * PROBE_HEAD_DIM)
+            del caches
+    decode_fixed, decode_s_per_byte = _fit(decode_units[0], decode_times[0], decode_units[1], decode_times[1])
+    prefill = _fit(prefill_units[0], prefill_times[0], prefill_units[1], prefill_times[1])
+    return decode_fixed, 1.0 / max(decode_s_per_byte, 1e-15), *prefill
+
+
+def measure_sampling(device: str, sync, repeats: int, budget_s: float) -> tuple[float, float]:
+    """(seconds per row, seconds per logit) of the runtime's Sampler picking greedy tokens from fp32 logits."""
+    from roofline.engine.sampler import Sampler, SamplingRow
+    from roofline.sampling_params import SamplingParams
+
+    sampler = Sampler()
+    params = SamplingParams(temperature=0.0)
+    times = []
+    for rows in SAMPLE_ROWS:
+        logits = torch.linspace(-5, 5, rows * SAMPLE_VOCAB, device=device).view(rows, SAMPLE_VOCAB)
+        sampling_rows = [SamplingRow(params, None, [1, 2, 3], []) for _ in range(rows)]
+        times.append(_best(lambda: sampler(logits.clone(), sampling_rows), sync, repeats, budget_s))
+    fixed, per_row = _fit(SAMPLE_ROWS[0], times[0], SAMPLE_ROWS[1], times[1])
+    # Attribute the per-row cost to the vocabulary it scans; the fixed part is one row's bookkeeping.
+    return fixed, per_row / SAMPLE_VOCAB
+
+
+def measure_runtime(device: str, dtype: torch.dtype, dtype_name: str, curve_bytes: int, sync,
+                    repeats: int, budget_s: float, widths: tuple[int, ...] = CURVE_WIDTHS) -> RuntimeCosts:
+    """All of this runtime's eager costs on `device`, activations in `dtype`, curves at `widths`."""
+    layer_curves, head_curves = measure_curves(device, dtype, curve_bytes, sync, repeats, budget_s, widths)
+    # The probes below take milliseconds a run: many repeats make their best runs repeatable.
+    probe_repeats = PROBE_REPEATS_PER_REPEAT * repeats
+    dispatch, element = measure_elementwise(device, dtype, sync, probe_repeats, budget_s)
+    decode_fixed, kv_bandwidth, prefill_fixed, prefill_unit = measure_attention(device, dtype, sync,
+                                                                              probe_repeats, budget_s)
+    row_s, logit_s = measure_sampling(device, sync, probe_repeats, budget_s)
+    return RuntimeCosts(
+        dtype=dtype_name, layer_curves=layer_curves, head_curves=head_curves, layer_dispatch_s=dispatch,
+        element_s=element, decode_attention_s=decode_fixed, decode_kv_bandwidth=kv_bandwidth,
+        prefill_attention_s=prefill_fixed, prefill_attention_unit_s=prefill_unit, sample_row_s=row_s,
+        sample_logit_s=logit_s, chunk_tokens=SchedulerConfig().max_num_batched_tokens)

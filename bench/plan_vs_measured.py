@@ -2,7 +2,11 @@
 
     python bench/plan_vs_measured.py [--model default] [--hardware local | --calibrate]
                                      [--batches 1,4,16,64] [--prompt-len 128] [--decode-steps 8]
-                                     [--repeats 3] [--quantization none] [--weight-format fp32]
+                                     [--repeats 3] [--modes none,auto]
+
+Each mode is the runtime's `quantization` setting; the planner prices it as the weight format the
+runtime then runs: none -> fp32, int8 -> int8, int4 -> int4, auto -> the checkpoint's own format
+(the default GGUF's Q4_1 layers run as int4, its Q8_0 head as int8).
 
 For each batch size B it measures, with the engine's own step loop:
 - prefill: B random prompts with max_tokens=1, so every step is prefill only (chunks of
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from roofline import LLM, SamplingParams
-from roofline.planner import load_hardware, load_model_spec, predict_rates
+from roofline.planner import get_weight_format, load_hardware, load_model_spec, predict_rates
 from roofline.planner.calibrate import calibrate
 
 VOCAB_LOW, VOCAB_HIGH = 10, 40000  # random prompt token ids, clear of special tokens
@@ -98,6 +102,13 @@ def measure(llm: LLM, batch: int, prompt_len: int, num_steps: int, repeats: int)
     return Measured(prefill, decode, context)
 
 
+def planner_format(spec, mode: str):
+    """The planner's weight format for a runtime quantization mode."""
+    if mode == "auto":
+        return spec.native_format or get_weight_format("fp32")
+    return get_weight_format({"none": "fp32"}.get(mode, mode))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
@@ -108,37 +119,38 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantization", default="none", help="runtime quantization (none = fp32 weights)")
-    parser.add_argument("--weight-format", default="fp32", help="the planner's weight format for that mode")
+    parser.add_argument("--modes", default="none,auto", help="runtime quantization modes, comma-separated")
     args = parser.parse_args()
 
     batches = [int(b) for b in args.batches.split(",")]
     spec = load_model_spec(args.model)
-    llm = LLM(args.model, dtype="float32", quantization=args.quantization, max_num_seqs=max(batches),
-              max_num_batched_tokens=512, kv_cache_memory=1 << 30, enable_prefix_caching=False)
     if args.calibrate:
         hw, source = calibrate().to_hardware(), "calibrated in this process"
     else:
         hw, source = load_hardware(args.hardware), f"profile {args.hardware}"
-    measure(llm, 1, 16, 2, repeats=1)  # warm-up
     rows = []
-    for b in batches:
-        got = measure(llm, b, args.prompt_len, args.decode_steps, args.repeats)
-        pred = predict_rates(spec, hw, b, args.prompt_len, weight_format=args.weight_format,
-                             decode_context=got.decode_context)
-        rows.append((b, pred, got))
+    for mode in args.modes.split(","):
+        llm = LLM(args.model, dtype="float32", quantization=mode, max_num_seqs=max(batches),
+                  max_num_batched_tokens=512, kv_cache_memory=1 << 30, enable_prefix_caching=False)
+        fmt = planner_format(spec, mode)
+        measure(llm, 1, 16, 2, repeats=1)  # warm-up
+        for b in batches:
+            got = measure(llm, b, args.prompt_len, args.decode_steps, args.repeats)
+            pred = predict_rates(spec, hw, b, args.prompt_len, weight_format=fmt, decode_context=got.decode_context)
+            rows.append((f"{mode} ({fmt.name})", b, pred, got))
+        del llm
     print(f"\n{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; hardware: {source}; model {args.model} ({args.quantization}); "
+          f"{torch.get_num_threads()} threads; hardware: {source}; model {args.model}; "
           f"prompt {args.prompt_len}, {args.decode_steps} decode steps, best of {args.repeats}\n")
-    print("| batch | prefill predicted | prefill measured | error | decode context | decode predicted "
-          "| decode measured | error | decode bound | decode step's largest term |")
+    print("| mode | batch | prefill predicted | prefill measured | error | decode context | decode predicted "
+          "| decode measured | error | decode step's largest term |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for b, pred, got in rows:
+    for mode, b, pred, got in rows:
         e_p = pred.prefill_tok_s / got.prefill_tok_s - 1
         e_d = pred.decode_tok_s / got.decode_tok_s - 1
         term, share = pred.decode_term
-        print(f"| {b} | {pred.prefill_tok_s:.0f} | {got.prefill_tok_s:.0f} | {e_p:+.0%} | {got.decode_context:.0f} "
-              f"| {pred.decode_tok_s:.1f} | {got.decode_tok_s:.1f} | {e_d:+.0%} | {pred.decode_bound} "
+        print(f"| {mode} | {b} | {pred.prefill_tok_s:.0f} | {got.prefill_tok_s:.0f} | {e_p:+.0%} "
+              f"| {got.decode_context:.0f} | {pred.decode_tok_s:.1f} | {got.decode_tok_s:.1f} | {e_d:+.0%} "
               f"| {term} {share:.0%} |")
 
 

@@ -8,9 +8,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
-from roofline.planner.calibrate_runtime import CURVE_WIDTHS, QUICK_CURVE_WIDTHS, measure_runtime
+from roofline.planner.calibrate_runtime import CURVE_WIDTHS, QUICK_CURVE_WIDTHS, best_time, measure_runtime
 from roofline.planner.profile import CalibrationProfile
 
 MB = 1 << 20
@@ -44,29 +43,14 @@ def calibration_sizes(is_quick: bool) -> CalibrationSizes:
     return CalibrationSizes(512 * MB, 512 * MB, 4096, 2048, 1024, 256 * MB, 256 * MB, 5, 3.0, 128 * MB)
 
 
-def _best_time(fn: Callable[[], object], sync: Callable[[], None], repeats: int, budget_s: float) -> float:
-    """Best wall time of fn over up to `repeats` runs after one warm-up, stopping after budget_s."""
-    fn()
-    sync()
-    best, started = float("inf"), time.perf_counter()
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - begin)
-        if time.perf_counter() - started > budget_s:
-            break
-    return best
-
-
 def measure_stream(device: str, num_bytes: int, sizes: CalibrationSizes, sync) -> tuple[float, float]:
     """(read bytes/s of a large sum, read+write bytes/s of a large copy)."""
     import torch
 
     source = torch.ones(num_bytes // FP32_BYTES, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    read_s = _best_time(lambda: source.sum(), sync, sizes.repeats, sizes.budget_s)
-    copy_s = _best_time(lambda: target.copy_(source), sync, sizes.repeats, sizes.budget_s)
+    read_s = best_time(lambda: source.sum(), sync, sizes.repeats, sizes.budget_s)
+    copy_s = best_time(lambda: target.copy_(source), sync, sizes.repeats, sizes.budget_s)
     return num_bytes / read_s, 2 * num_bytes / copy_s
 
 
@@ -85,7 +69,7 @@ def measure_gemv(device: str, dtype, sizes: CalibrationSizes, sync) -> float:
         for matrix in matrices:
             torch.mv(matrix, vector)
 
-    seconds = _best_time(run, sync, sizes.repeats, sizes.budget_s)
+    seconds = best_time(run, sync, sizes.repeats, sizes.budget_s)
     return num_matrices * sizes.gemv_rows * cols * element_bytes / seconds
 
 
@@ -95,7 +79,7 @@ def measure_matmul(device: str, dtype, n: int, sizes: CalibrationSizes, sync) ->
 
     a = torch.full((n, n), 0.5, dtype=dtype, device=device)
     b = torch.full((n, n), 0.5, dtype=dtype, device=device)
-    seconds = _best_time(lambda: a @ b, sync, sizes.repeats, sizes.budget_s)
+    seconds = best_time(lambda: a @ b, sync, sizes.repeats, sizes.budget_s)
     return 2 * n**3 / seconds
 
 
@@ -109,7 +93,7 @@ def measure_op_overhead(device: str, sizes: CalibrationSizes, sync) -> float:
         for _ in range(TINY_OPS):
             torch.mul(x, x)
 
-    return _best_time(run, sync, sizes.repeats, sizes.budget_s) / TINY_OPS
+    return best_time(run, sync, sizes.repeats, sizes.budget_s) / TINY_OPS
 
 
 def measure_h2d(num_bytes: int, sizes: CalibrationSizes, sync) -> float:
@@ -118,7 +102,7 @@ def measure_h2d(num_bytes: int, sizes: CalibrationSizes, sync) -> float:
 
     host = torch.ones(num_bytes // FP32_BYTES, dtype=torch.float32).pin_memory()
     device = torch.empty(host.shape, dtype=host.dtype, device="cuda")
-    return num_bytes / _best_time(lambda: device.copy_(host, non_blocking=True), sync,
+    return num_bytes / best_time(lambda: device.copy_(host, non_blocking=True), sync,
                                   sizes.repeats, sizes.budget_s)
 
 

@@ -39,7 +39,7 @@ PROBE_REPEATS_PER_REPEAT = 6
 SAMPLE_VOCAB = 32768
 
 
-def _best(fn: Callable[[], object], sync: Callable[[], None], repeats: int, budget_s: float) -> float:
+def best_time(fn: Callable[[], object], sync: Callable[[], None], repeats: int, budget_s: float) -> float:
     """Best wall time of fn over up to `repeats` runs after two warm-ups, stopping after budget_s."""
     for _ in range(2):  # the first runs fault in fresh pages for the outputs
         fn()
@@ -129,7 +129,7 @@ INT4_GROUP_SIZE = 32  # the group the runtime's int4 layers use by default (and 
 def _rate(modules: list[nn.Module], inputs: dict[int, torch.Tensor], rows: int, sync, repeats: int,
           budget_s: float) -> float:
     """FLOP/s of running every module on `rows` rows of its input width."""
-    seconds = _best(lambda: [m(inputs[m.in_features]) for m in modules], sync, repeats, budget_s)
+    seconds = best_time(lambda: [m(inputs[m.in_features]) for m in modules], sync, repeats, budget_s)
     return 2.0 * rows * sum(m.in_features * m.out_features for m in modules) / seconds
 
 
@@ -171,10 +171,9 @@ def measure_curves(device: str, dtype: torch.dtype, total_bytes: int, sync, repe
             points = []
             for rows in CURVE_ROWS:
                 x = inputs_by_rows[rows][width]
-                seconds = _best(lambda: head(x), sync, repeats, budget_s)
+                seconds = best_time(lambda: head(x), sync, repeats, budget_s)
                 points.append((float(rows), 2.0 * rows * vocab * width / seconds))
             head_curves[kind].append((width, tuple(points)))
-            del head
     return ({kind: tuple(c) for kind, c in layer_curves.items()},
             {kind: tuple(c) for kind, c in head_curves.items()})
 
@@ -232,7 +231,7 @@ def measure_elementwise(device: str, dtype: torch.dtype, sync, repeats: int, bud
                 for layer in model.model.layers:
                     layer(x, positions, None, None)
 
-            times.append(_best(run, sync, repeats, budget_s) / PROBE_LAYERS)
+            times.append(best_time(run, sync, repeats, budget_s) / PROBE_LAYERS)
     elements = activation_elements(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                                    cfg.head_dim)
     dispatch, per_token = _fit(ELEMENT_TOKENS[0], times[0], ELEMENT_TOKENS[1], times[1])
@@ -273,20 +272,18 @@ def measure_attention(device: str, dtype: torch.dtype, sync, repeats: int,
             slots = tables[:, -1] * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
             mask = (torch.arange(span, device=device)[None, :] < context).expand(num_seqs, span)[:, None, None, :]
             meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), [])
-            decode_times.append(_best(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
+            decode_times.append(best_time(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
                                       repeats, budget_s) / PROBE_LAYERS)
             decode_units.append(num_seqs * context * 2 * kv_heads * PROBE_HEAD_DIM * q.element_size())
-            del caches
         prefill_times, prefill_units = [], []
         for length in PREFILL_CHUNKS:
             caches, tables, q, k, v = _attention_inputs(1, length, length, heads, kv_heads, dtype, device)
             slots = (tables[0, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten()[:length]
             meta = AttentionMetadata(slots, 0, None, None,
                                      [PrefillChunk(0, length, length, None, None)])
-            prefill_times.append(_best(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
+            prefill_times.append(best_time(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
                                        repeats, budget_s) / PROBE_LAYERS)
             prefill_units.append(length * (length + 1) / 2 * heads * PROBE_HEAD_DIM)
-            del caches
     decode_fixed, decode_s_per_byte = _fit(decode_units[0], decode_times[0], decode_units[1], decode_times[1])
     prefill = _fit(prefill_units[0], prefill_times[0], prefill_units[1], prefill_times[1])
     return decode_fixed, 1.0 / max(decode_s_per_byte, 1e-15), *prefill
@@ -303,7 +300,7 @@ def measure_sampling(device: str, sync, repeats: int, budget_s: float) -> tuple[
     for rows in SAMPLE_ROWS:
         logits = torch.linspace(-5, 5, rows * SAMPLE_VOCAB, device=device).view(rows, SAMPLE_VOCAB)
         sampling_rows = [SamplingRow(params, None, [1, 2, 3], []) for _ in range(rows)]
-        times.append(_best(lambda: sampler(logits.clone(), sampling_rows), sync, repeats, budget_s))
+        times.append(best_time(lambda: sampler(logits.clone(), sampling_rows), sync, repeats, budget_s))
     fixed, per_row = _fit(SAMPLE_ROWS[0], times[0], SAMPLE_ROWS[1], times[1])
     # Attribute the per-row cost to the vocabulary it scans; the fixed part is one row's bookkeeping.
     return fixed, per_row / SAMPLE_VOCAB

@@ -62,7 +62,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     """Register `calibrate` on an argparse subparsers object; sets func=run_calibrate."""
     parser = subparsers.add_parser(
         "calibrate", help="measure this machine's bandwidth and FLOP/s for `--hardware local`",
-        description="Measure memory, GEMV, matmul, host-link and disk rates and save a profile.")
+        description="Measure memory, GEMV, matmul, host-link and disk rates, and the costs of roofline's own "
+                    "runtime here (matmul kernels by rows and width, layer dispatch, paged attention, "
+                    "sampling), and save a profile (about a minute; --quick: seconds).")
     parser.add_argument("--output", type=Path, help=f"profile path (default {default_profile_path()})")
     parser.add_argument("--quick", action="store_true", help="small sizes: a few seconds, noisier")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")

@@ -61,12 +61,13 @@ class StepCost:
 
     @property
     def bound(self) -> str:
-        """Which ceiling limits the step: memory, compute, transfer (offload) or communication."""
+        """Which ceiling limits the step: memory, compute, transfer (offload), communication, attention
+        (a calibrated runtime's paged attention) or overhead (dispatch, elementwise ops, sampling)."""
         overlapped = {"memory": self.memory_s, "compute": self.compute_s,
                       "transfer": max(self.host_link_s, self.disk_s, self.host_attention_s)}
         eager = self.overhead_s + self.attention_s + self.elementwise_s + self.sampling_s
         if eager > max(overlapped.values()) and eager > self.comm_s:
-            return "overhead"
+            return "attention" if self.attention_s > eager - self.attention_s else "overhead"
         if self.comm_s > max(overlapped.values()):
             return "communication"
         return max(overlapped, key=overlapped.__getitem__)

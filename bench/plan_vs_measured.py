@@ -12,14 +12,15 @@ For each batch size B it measures, with the engine's own step loop:
 - prefill: B random prompts with max_tokens=1, so every step is prefill only (chunks of
   max_num_batched_tokens); rate = B x prompt_len / total step time.
 - decode: B requests prefilled first (steps until none is waiting or mid-prompt), then
-  `--decode-steps` steps in which exactly B sequences decode one token each; rate = B x steps /
-  their time, at the mean context those steps attended (passed to the planner).
-Each figure is the best of `--repeats` runs (fresh prompts each), as calibrate keeps the best of
-its repeats: on a shared machine the best run is the one least disturbed by neighbours.
+  `--decode-steps` steps in which exactly B sequences decode one token each; rate = B / step
+  time, at the mean context those steps attended (passed to the planner).
+The error is taken against the best prefill run and the best decode step of `--repeats` runs
+(fresh prompts each), as calibrate keeps the best of its repeats: on a shared machine the best run
+is the one least disturbed by neighbours. The medians are printed beside them, to show the noise.
 
-`--calibrate` measures the machine in this process first (as `roofline calibrate`, not saved), so
-the profile and the measurements see the same machine state; otherwise `--hardware local` reads
-the saved profile. Run it alone on a quiet machine.
+`--calibrate` measures the machine in this process before each mode (as `roofline calibrate`, not
+saved), so the profile and the measurements see the same machine state; otherwise `--hardware
+local` reads the saved profile. Run it alone on a quiet machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -42,10 +44,12 @@ VOCAB_LOW, VOCAB_HIGH = 10, 40000  # random prompt token ids, clear of special t
 
 @dataclass
 class Measured:
-    """One batch size's best prefill and decode rates, and the context its decode steps attended."""
+    """One batch size's prefill and decode rates (best and median), and the context decode attended."""
 
-    prefill_tok_s: float
-    decode_tok_s: float
+    prefill_tok_s: float  # best run
+    prefill_median_tok_s: float
+    decode_tok_s: float  # best step
+    decode_median_tok_s: float
     decode_context: float
 
 
@@ -71,8 +75,8 @@ def measure_prefill(llm: LLM, batch: int, prompt_len: int, seed: int) -> float:
     return batch * prompt_len / (time.perf_counter() - begin)
 
 
-def measure_decode(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: int) -> tuple[float, float]:
-    """(tok/s, mean context) of `num_steps` decode steps with exactly `batch` sequences running."""
+def measure_decode(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: int) -> tuple[list[float], float]:
+    """(seconds of each of `num_steps` decode steps with exactly `batch` sequences running, mean context)."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=10 * num_steps + prompt_len, ignore_eos=True)
     ids = [f"d{seed}-{i}" for i in range(batch)]
@@ -84,22 +88,26 @@ def measure_decode(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: 
     if len(running) != batch:
         raise RuntimeError(f"{len(running)} sequences running, not {batch}: raise max_num_seqs or the KV budget")
     # Each step attends the tokens cached so far plus the new one: num_tokens before the step.
-    contexts = []
-    begin = time.perf_counter()
+    contexts, seconds = [], []
     for _ in range(num_steps):
         contexts.append(sum(r.num_tokens for r in running) / batch)
+        begin = time.perf_counter()
         engine.step()
-    seconds = time.perf_counter() - begin
+        seconds.append(time.perf_counter() - begin)
     engine.abort(ids)
-    return batch * num_steps / seconds, sum(contexts) / len(contexts)
+    return seconds, sum(contexts) / len(contexts)
 
 
 def measure(llm: LLM, batch: int, prompt_len: int, num_steps: int, repeats: int) -> Measured:
-    """Best of `repeats` runs of each measurement, fresh prompts every run."""
-    prefill = max(measure_prefill(llm, batch, prompt_len, seed=1000 * batch + r) for r in range(repeats))
-    decodes = [measure_decode(llm, batch, prompt_len, num_steps, seed=2000 * batch + r) for r in range(repeats)]
-    decode, context = max(decodes)
-    return Measured(prefill, decode, context)
+    """Best and median over `repeats` runs (fresh prompts each) of prefill, and over all decode steps."""
+    prefills = [measure_prefill(llm, batch, prompt_len, seed=1000 * batch + r) for r in range(repeats)]
+    steps, contexts = [], []
+    for r in range(repeats):
+        seconds, context = measure_decode(llm, batch, prompt_len, num_steps, seed=2000 * batch + r)
+        steps += seconds
+        contexts.append(context)
+    return Measured(max(prefills), statistics.median(prefills), batch / min(steps),
+                    batch / statistics.median(steps), statistics.mean(contexts))
 
 
 def planner_format(spec, mode: str):
@@ -124,12 +132,11 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     spec = load_model_spec(args.model)
-    if args.calibrate:
-        hw, source = calibrate().to_hardware(), "calibrated in this process"
-    else:
-        hw, source = load_hardware(args.hardware), f"profile {args.hardware}"
+    source = "calibrated in this process before each mode" if args.calibrate else f"profile {args.hardware}"
     rows = []
     for mode in args.modes.split(","):
+        # The machine's speed drifts on a shared host: calibrating right before each mode keeps the two close.
+        hw = calibrate().to_hardware() if args.calibrate else load_hardware(args.hardware)
         llm = LLM(args.model, dtype="float32", quantization=mode, max_num_seqs=max(batches),
                   max_num_batched_tokens=512, kv_cache_memory=1 << 30, enable_prefix_caching=False)
         fmt = planner_format(spec, mode)
@@ -142,16 +149,16 @@ def main() -> None:
     print(f"\n{datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; hardware: {source}; model {args.model}; "
           f"prompt {args.prompt_len}, {args.decode_steps} decode steps, best of {args.repeats}\n")
-    print("| mode | batch | prefill predicted | prefill measured | error | decode context | decode predicted "
-          "| decode measured | error | decode step's largest term |")
+    print("| mode | batch | prefill predicted | prefill measured best (median) | error | decode context "
+          "| decode predicted | decode measured best (median) | error | decode step's largest term |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, b, pred, got in rows:
         e_p = pred.prefill_tok_s / got.prefill_tok_s - 1
         e_d = pred.decode_tok_s / got.decode_tok_s - 1
         term, share = pred.decode_term
-        print(f"| {mode} | {b} | {pred.prefill_tok_s:.0f} | {got.prefill_tok_s:.0f} | {e_p:+.0%} "
-              f"| {got.decode_context:.0f} | {pred.decode_tok_s:.1f} | {got.decode_tok_s:.1f} | {e_d:+.0%} "
-              f"| {term} {share:.0%} |")
+        print(f"| {mode} | {b} | {pred.prefill_tok_s:.0f} | {got.prefill_tok_s:.0f} ({got.prefill_median_tok_s:.0f}) "
+              f"| {e_p:+.0%} | {got.decode_context:.0f} | {pred.decode_tok_s:.1f} | {got.decode_tok_s:.1f} "
+              f"({got.decode_median_tok_s:.1f}) | {e_d:+.0%} | {term} {share:.0%} |")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ CACHE_SPREAD = 4
 BLOCK_SIZE = 16
 DECODE_POINTS = ((1, BLOCK_SIZE + 1), (32, 16 * BLOCK_SIZE + 1))  # (sequences, context) of the attention probe
 PREFILL_CHUNKS = (64, 256)  # prompt chunk lengths of the prefill-attention probe
+SWEEP_BYTES = 16 << 20  # weight streamed before each stubbed layer, as a layer's matmuls stream theirs
+SWEEP_WIDTH = 1024
 ELEMENT_TOKENS = (1, 512)  # tokens through the elementwise probe (512: the runtime's default chunk)
 SAMPLE_ROWS = (1, 64)
+SCHEDULE_ROWS = (1, 64)  # decoding sequences of the scheduling probe
+SCHEDULE_BLOCKS = 64  # KV blocks per sequence: room for ~1000 decode steps
 PROBE_REPEATS_PER_REPEAT = 6
 SAMPLE_VOCAB = 32768
 
@@ -165,14 +169,17 @@ def measure_curves(device: str, dtype: torch.dtype, total_bytes: int, sync, repe
                 for rows in CURVE_ROWS)))
             del modules
         for kind, build in HEAD_KERNELS.items():
+            # Tables of up to HEAD_ROWS rows, as many as fill the budget: one would sit in the last-level cache.
             element = float_bytes if kind == "float" else 1
             vocab = max(1024, min(HEAD_ROWS, int(total_bytes // (width * element))))
-            head = build(vocab, width, dtype, device)
+            heads = [build(vocab, width, dtype, device)
+                     for _ in range(max(1, int(total_bytes // (vocab * width * element))))]
             points = []
             for rows in CURVE_ROWS:
                 x = inputs_by_rows[rows][width]
-                seconds = best_time(lambda: head(x), sync, repeats, budget_s)
-                points.append((float(rows), 2.0 * rows * vocab * width / seconds))
+                timed = _share(heads, rows, 1)
+                seconds = best_time(lambda: [head(x) for head in timed], sync, repeats, budget_s)
+                points.append((float(rows), 2.0 * rows * vocab * width * len(timed) / seconds))
             head_curves[kind].append((width, tuple(points)))
     return ({kind: tuple(c) for kind, c in layer_curves.items()},
             {kind: tuple(c) for kind, c in head_curves.items()})
@@ -208,7 +215,13 @@ def _probe_config(layers: int):
 
 def measure_elementwise(device: str, dtype: torch.dtype, sync, repeats: int, budget_s: float) -> tuple[float, float]:
     """(dispatch seconds per layer, seconds per activation element): the runtime's decoder layers with
-    matmuls and attention stubbed out, at ELEMENT_TOKENS tokens."""
+    matmuls and attention stubbed out, at ELEMENT_TOKENS tokens.
+
+    In a model every layer's ops follow matmuls that stream megabytes of weights through the caches,
+    which evicts the interpreter's and the dispatcher's working set: measured alone, the same ops
+    run ~1.7x faster. So each stubbed layer here follows a GEMV over its own SWEEP_BYTES weight,
+    and the GEMVs' time alone is subtracted.
+    """
     from roofline.layers.linear import Linear
     from roofline.models.llama import LlamaForCausalLM
 
@@ -221,17 +234,23 @@ def measure_elementwise(device: str, dtype: torch.dtype, sync, repeats: int, bud
                 if isinstance(child, Linear):
                     setattr(parent, name, _NoMatmul(child.output_sizes, max_tokens, dtype, device))
         layer.self_attn.attn = _NoAttention()
+    element = torch.finfo(dtype).bits // 8
+    sweeps = [torch.full((SWEEP_BYTES // (SWEEP_WIDTH * element), SWEEP_WIDTH), 0.01, dtype=dtype, device=device)
+              for _ in range(PROBE_LAYERS)]
+    vector = torch.full((1, SWEEP_WIDTH), 0.5, dtype=dtype, device=device)
     times = []
     with torch.inference_mode():
+        sweep_s = best_time(lambda: [nn.functional.linear(vector, w) for w in sweeps], sync, repeats, budget_s)
         for tokens in ELEMENT_TOKENS:
             x = torch.full((tokens, PROBE_WIDTH), 0.5, dtype=dtype, device=device)
             positions = torch.arange(tokens, device=device)
 
             def run(x=x, positions=positions) -> None:
-                for layer in model.model.layers:
+                for layer, weight in zip(model.model.layers, sweeps):
+                    nn.functional.linear(vector, weight)
                     layer(x, positions, None, None)
 
-            times.append(best_time(run, sync, repeats, budget_s) / PROBE_LAYERS)
+            times.append(max(0.0, best_time(run, sync, repeats, budget_s) - sweep_s) / PROBE_LAYERS)
     elements = activation_elements(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                                    cfg.head_dim)
     dispatch, per_token = _fit(ELEMENT_TOKENS[0], times[0], ELEMENT_TOKENS[1], times[1])
@@ -306,6 +325,35 @@ def measure_sampling(device: str, sync, repeats: int, budget_s: float) -> tuple[
     return fixed, per_row / SAMPLE_VOCAB
 
 
+def measure_scheduling(device: str, repeats: int, budget_s: float) -> tuple[float, float]:
+    """(seconds per step, seconds per sequence per step) of the engine's own bookkeeping around the model:
+    the Scheduler's plan, the input batch and attention metadata it becomes, and the counters' update,
+    for SCHEDULE_ROWS decoding sequences (no model runs)."""
+    from roofline.config import SchedulerConfig
+    from roofline.engine.input_batch import build_input_batch
+    from roofline.engine.kv_cache import KVCacheManager
+    from roofline.engine.request import Request
+    from roofline.engine.scheduler import Scheduler
+    from roofline.sampling_params import SamplingParams
+
+    times = []
+    for num_seqs in SCHEDULE_ROWS:
+        kv = KVCacheManager(num_seqs * SCHEDULE_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
+        scheduler = Scheduler(SchedulerConfig(max_num_seqs=max(SCHEDULE_ROWS)), kv)
+        params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+        for i in range(num_seqs):
+            scheduler.add_request(Request(f"s{i}", [1 + i % 100] * BLOCK_SIZE, params, 10**6, []))
+
+        def step() -> None:
+            plan = scheduler.schedule()
+            build_input_batch(plan, kv, torch.device(device))
+            scheduler.update_from_output(plan, {item.request.request_id: 7 for item in plan.scheduled})
+
+        step()  # the prompts' prefill: every later step decodes num_seqs tokens
+        times.append(best_time(step, lambda: None, repeats, budget_s))
+    return _fit(SCHEDULE_ROWS[0], times[0], SCHEDULE_ROWS[1], times[1])
+
+
 def measure_runtime(device: str, dtype: torch.dtype, dtype_name: str, curve_bytes: int, sync,
                     repeats: int, budget_s: float, widths: tuple[int, ...] = CURVE_WIDTHS) -> RuntimeCosts:
     """All of this runtime's eager costs on `device`, activations in `dtype`, curves at `widths`."""
@@ -316,8 +364,9 @@ def measure_runtime(device: str, dtype: torch.dtype, dtype_name: str, curve_byte
     decode_fixed, kv_bandwidth, prefill_fixed, prefill_unit = measure_attention(device, dtype, sync,
                                                                               probe_repeats, budget_s)
     row_s, logit_s = measure_sampling(device, sync, probe_repeats, budget_s)
+    step_s, sequence_s = measure_scheduling(device, probe_repeats, budget_s)
     return RuntimeCosts(
         dtype=dtype_name, layer_curves=layer_curves, head_curves=head_curves, layer_dispatch_s=dispatch,
         element_s=element, decode_attention_s=decode_fixed, decode_kv_bandwidth=kv_bandwidth,
         prefill_attention_s=prefill_fixed, prefill_attention_unit_s=prefill_unit, sample_row_s=row_s,
-        sample_logit_s=logit_s, chunk_tokens=SchedulerConfig().max_num_batched_tokens)
+        sample_logit_s=logit_s, schedule_step_s=step_s, schedule_sequence_s=sequence_s, chunk_tokens=SchedulerConfig().max_num_batched_tokens)

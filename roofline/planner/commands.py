@@ -142,7 +142,9 @@ def runtime_lines(rc: RuntimeCosts) -> list[str]:
               f"KV at {format_rate(rc.decode_kv_bandwidth, 'B/s')}; "
               f"prefill {rc.prefill_attention_s * 1e6:.0f} us per chunk + {rc.prefill_attention_unit_s * 1e12:.0f} "
               "ps per causal pair x head dim x query head",
-              f"sampling      {rc.sample_row_s * 1e6:.0f} us per sequence + {rc.sample_logit_s * 1e12:.0f} ps per logit"]
+              f"sampling      {rc.sample_row_s * 1e6:.0f} us per sequence + {rc.sample_logit_s * 1e12:.0f} ps per logit",
+              f"scheduling    {rc.schedule_step_s * 1e6:.0f} us per step + {rc.schedule_sequence_s * 1e6:.0f} us per "
+              "sequence (plan, input batch, counters)"]
     return lines
 
 

@@ -35,7 +35,7 @@ class StepCost:
     # Measured eager-runtime terms (a calibrated profile), run between the matmuls so they add:
     attention_s: float = 0.0  # paged attention: cache writes, block gathers, SDPA (KV reads included)
     elementwise_s: float = 0.0  # norms, rotary, SwiGLU, residual adds over the step's activations
-    sampling_s: float = 0.0  # sampler and per-sequence engine work
+    sampling_s: float = 0.0  # sampler, and the engine's scheduling and input preparation
     # KV reads run as their own ops after the matmuls (an eager runtime with a measured matmul curve,
     # whose matmul time already includes reading the weights): they add rather than overlap.
     is_kv_serial: bool = False
@@ -80,7 +80,7 @@ class StepCost:
                  "weight reads from disk": self.disk_s, "CPU attention over host KV": self.host_attention_s,
                  "per-layer launch/dispatch overhead": self.overhead_s,
                  "paged attention": self.attention_s, "elementwise ops": self.elementwise_s,
-                 "sampling": self.sampling_s}
+                 "sampling and scheduling": self.sampling_s}
         name = max(terms, key=terms.__getitem__)
         return name, terms[name] / self.time_s if self.time_s > 0 else 0.0
 
@@ -225,7 +225,9 @@ def _eager_prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_p
         attention_s=eager.prefill_attention_s(rc, layers, num_chunks, causal_pairs, spec.num_heads / tp,
                                               spec.head_dim),
         elementwise_s=eager.elementwise_s(rc, layers, tokens, _elements_per_token(spec, tp)),
-        sampling_s=eager.sampling_s(rc, num_prompts, spec.vocab_size))
+        # One sampled token per prompt; the engine's bookkeeping once per step and per prompt chunk.
+        sampling_s=eager.sampling_s(rc, num_prompts, spec.vocab_size, num_chunks)
+        + (num_steps - 1) * rc.schedule_step_s)
 
 
 def arithmetic_intensity(spec: ModelSpec, layout: Layout, batch: int, context: float) -> float:

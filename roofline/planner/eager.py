@@ -38,6 +38,8 @@ class RuntimeCosts:
     prefill_attention_unit_s: float  # seconds per (causal query-key pair x query head x head dim)
     sample_row_s: float  # sampler and engine bookkeeping per sequence per step, vocabulary aside
     sample_logit_s: float  # sampler seconds per logit of one row (raw log-softmax, greedy pick)
+    schedule_step_s: float  # the engine's bookkeeping per step: scheduling, input tensors, counters
+    schedule_sequence_s: float  # the same per sequence in the step
     chunk_tokens: int  # tokens the engine's scheduler puts in one step by default (max_num_batched_tokens)
 
     @staticmethod
@@ -141,6 +143,9 @@ def prefill_attention_s(rc: RuntimeCosts, num_layers: float, num_chunks: int, ca
                          + causal_pairs * num_heads * head_dim * rc.prefill_attention_unit_s)
 
 
-def sampling_s(rc: RuntimeCosts, rows: float, vocab_size: int) -> float:
-    """Seconds to sample `rows` sequences over the vocabulary and update their state."""
-    return rows * (rc.sample_row_s + vocab_size * rc.sample_logit_s)
+def sampling_s(rc: RuntimeCosts, rows: float, vocab_size: int, num_sequences: float | None = None) -> float:
+    """Seconds to sample `rows` rows over the vocabulary, plus the engine's bookkeeping of one step
+    over `num_sequences` sequences (default: one per row)."""
+    sequences = rows if num_sequences is None else num_sequences
+    return (rows * (rc.sample_row_s + vocab_size * rc.sample_logit_s)
+            + rc.schedule_step_s + sequences * rc.schedule_sequence_s)

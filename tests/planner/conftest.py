@@ -21,6 +21,7 @@ def rc() -> RuntimeCosts:
                      "int8": ((512, ((1.0, 2e10), (512.0, 2e11))),)},
         layer_dispatch_s=100e-6, element_s=2e-10, decode_attention_s=50e-6, decode_kv_bandwidth=5e9,
         prefill_attention_s=80e-6, prefill_attention_unit_s=6e-11, sample_row_s=20e-6, sample_logit_s=1e-9,
+        schedule_step_s=300e-6, schedule_sequence_s=40e-6,
         chunk_tokens=512)
 
 

@@ -34,7 +34,8 @@ def test_measure_runtime_on_the_cpu_gives_positive_costs():
             assert all(rate > 0 for _, rate in points)
     assert rc.decode_kv_bandwidth > 0
     for term in (rc.layer_dispatch_s, rc.element_s, rc.decode_attention_s, rc.prefill_attention_s,
-                 rc.prefill_attention_unit_s, rc.sample_row_s, rc.sample_logit_s):
+                 rc.prefill_attention_unit_s, rc.sample_row_s, rc.sample_logit_s, rc.schedule_step_s,
+                 rc.schedule_sequence_s):
         assert term >= 0
     # Dispatching a layer's ~30 ops costs more than nothing and far less than a second.
     assert 0 < rc.layer_dispatch_s + 512 * rc.element_s < 1.0

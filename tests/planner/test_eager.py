@@ -53,7 +53,7 @@ def test_eager_decode_step_by_hand(rc, local):
     assert step.attention_s == pytest.approx(layers * (50e-6 + batch * context * kv_per_token_layer / 5e9))
     assert step.elementwise_s == pytest.approx(layers * batch * 15744 * 2e-10)
     assert step.overhead_s == pytest.approx(layers * 100e-6)
-    assert step.sampling_s == pytest.approx(batch * (20e-6 + 49152 * 1e-9))
+    assert step.sampling_s == pytest.approx(batch * (20e-6 + 49152 * 1e-9) + 300e-6 + batch * 40e-6)
     assert step.time_s == pytest.approx(max(step.weight_read_s, step.compute_s) + step.attention_s
                                         + step.elementwise_s + step.overhead_s + step.sampling_s)
 
@@ -68,7 +68,7 @@ def test_eager_prefill_by_hand(rc, local):
     pairs = 4 * 128 * 129 / 2
     assert cost.attention_s == pytest.approx(layers * (4 * 80e-6 + pairs * 9 * 64 * 6e-11))
     assert cost.elementwise_s == pytest.approx(layers * 512 * 15744 * 2e-10)
-    assert cost.sampling_s == pytest.approx(4 * (20e-6 + 49152 * 1e-9))
+    assert cost.sampling_s == pytest.approx(4 * (20e-6 + 49152 * 1e-9) + 300e-6 + 4 * 40e-6)  # one step, 4 chunks
     # Twice the prompts: twice the steps' dispatch, at least twice the time.
     double = prefill_cost(SMOLLM, local, FP32, num_prompts=8, prompt_len=128)
     assert double.overhead_s == pytest.approx(2 * cost.overhead_s) and double.time_s >= 1.99 * cost.time_s
@@ -114,4 +114,4 @@ def test_runtime_costs_round_trip_through_a_hardware_file(rc):
     assert RuntimeCosts.from_mapping(raw) == rc
     spec = hardware_from_mapping({"base": "cpu", "runtime": raw}, "test")
     assert spec.runtime == rc
-    assert math.isclose(decode_stage_cost(SMOLLM, spec, FP32, 1, 128).sampling_s, 20e-6 + 49152e-9)
+    assert math.isclose(decode_stage_cost(SMOLLM, spec, FP32, 1, 128).sampling_s, 20e-6 + 49152e-9 + 340e-6)

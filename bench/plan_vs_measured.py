@@ -14,9 +14,10 @@ For each batch size B it measures, with the engine's own step loop:
 - decode: B requests prefilled first (steps until none is waiting or mid-prompt), then
   `--decode-steps` steps in which exactly B sequences decode one token each; rate = B / step
   time, at the mean context those steps attended (passed to the planner).
-The error is taken against the best prefill run and the best decode step of `--repeats` runs
-(fresh prompts each), as calibrate keeps the best of its repeats: on a shared machine the best run
-is the one least disturbed by neighbours. The medians are printed beside them, to show the noise.
+The batch sizes are swept `--repeats` times, round after round (fresh prompts each run), and the
+error is taken against the best prefill run and the best decode step of each batch size, as
+calibrate keeps the best of its repeats: on a shared machine the best run is the one least
+disturbed by neighbours. The medians are printed beside them, to show the noise.
 
 `--calibrate` measures the machine in this process before each mode (as `roofline calibrate`, not
 saved), so the profile and the measurements see the same machine state; otherwise `--hardware
@@ -98,16 +99,27 @@ def measure_decode(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: 
     return seconds, sum(contexts) / len(contexts)
 
 
-def measure(llm: LLM, batch: int, prompt_len: int, num_steps: int, repeats: int) -> Measured:
-    """Best and median over `repeats` runs (fresh prompts each) of prefill, and over all decode steps."""
-    prefills = [measure_prefill(llm, batch, prompt_len, seed=1000 * batch + r) for r in range(repeats)]
-    steps, contexts = [], []
+def measure_round(llm: LLM, batch: int, prompt_len: int, num_steps: int, seed: int) -> tuple[float, list[float], float]:
+    """One run at `batch`: (prefill tok/s, decode step seconds, decode context)."""
+    prefill = measure_prefill(llm, batch, prompt_len, seed=1000 * batch + seed)
+    steps, context = measure_decode(llm, batch, prompt_len, num_steps, seed=2000 * batch + seed)
+    return prefill, steps, context
+
+
+def measure_all(llm: LLM, batches: list[int], prompt_len: int, num_steps: int, repeats: int) -> dict[int, Measured]:
+    """Every batch size `repeats` times, round after round: a slow spell of the machine (seconds long
+    on a shared host) then spoils one run of a batch size, not all of them."""
+    runs: dict[int, list[tuple[float, list[float], float]]] = {b: [] for b in batches}
     for r in range(repeats):
-        seconds, context = measure_decode(llm, batch, prompt_len, num_steps, seed=2000 * batch + r)
-        steps += seconds
-        contexts.append(context)
-    return Measured(max(prefills), statistics.median(prefills), batch / min(steps),
-                    batch / statistics.median(steps), statistics.mean(contexts))
+        for b in batches:
+            runs[b].append(measure_round(llm, b, prompt_len, num_steps, seed=r))
+    result = {}
+    for b, items in runs.items():
+        prefills = [p for p, _, _ in items]
+        steps = [t for _, seconds, _ in items for t in seconds]
+        result[b] = Measured(max(prefills), statistics.median(prefills), b / min(steps),
+                             b / statistics.median(steps), statistics.mean(c for _, _, c in items))
+    return result
 
 
 def planner_format(spec, mode: str):
@@ -140,9 +152,8 @@ def main() -> None:
         llm = LLM(args.model, dtype="float32", quantization=mode, max_num_seqs=max(batches),
                   max_num_batched_tokens=512, kv_cache_memory=1 << 30, enable_prefix_caching=False)
         fmt = planner_format(spec, mode)
-        measure(llm, 1, 16, 2, repeats=1)  # warm-up
-        for b in batches:
-            got = measure(llm, b, args.prompt_len, args.decode_steps, args.repeats)
+        measure_round(llm, 1, 16, 2, seed=99)  # warm-up
+        for b, got in measure_all(llm, batches, args.prompt_len, args.decode_steps, args.repeats).items():
             pred = predict_rates(spec, hw, b, args.prompt_len, weight_format=fmt, decode_context=got.decode_context)
             rows.append((f"{mode} ({fmt.name})", b, pred, got))
         del llm

@@ -126,15 +126,29 @@ def _int8_head(vocab: int, width: int, dtype: torch.dtype, device: str) -> nn.Mo
 # (a quantized model's head is int8), with the bytes each stores per weight.
 LAYER_KERNELS = {"float": (_float_linear, None), "int8": (_int8_linear, 1.0), "int4": (_int4_linear, 0.5)}
 HEAD_KERNELS = {"float": _float_head, "int8": _int8_head}
+CURVE_PASSES = 2  # passes over every curve point, best kept
 COMPUTE_BOUND_ROWS = 64  # from here on the curve's matmuls reuse each weight enough to be compute-bound
 INT4_GROUP_SIZE = 32  # the group the runtime's int4 layers use by default (and GGUF Q4 blocks hold)
 
 
 def _rate(modules: list[nn.Module], inputs: dict[int, torch.Tensor], rows: int, sync, repeats: int,
           budget_s: float) -> float:
-    """FLOP/s of running every module on `rows` rows of its input width."""
-    seconds = best_time(lambda: [m(inputs[m.in_features]) for m in modules], sync, repeats, budget_s)
-    return 2.0 * rows * sum(m.in_features * m.out_features for m in modules) / seconds
+    """FLOP/s of running every module (a linear, or a head over `in_features` inputs) on `rows` rows."""
+    seconds = best_time(lambda: [m(inputs[_in_features(m)]) for m in modules], sync, repeats, budget_s)
+    return 2.0 * rows * sum(_in_features(m) * _out_features(m) for m in modules) / seconds
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if hasattr(module, "in_features") else _head_table(module).shape[1]
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else _head_table(module).shape[0]
+
+
+def _head_table(head: nn.Module) -> torch.Tensor:
+    """The [vocab, width] table of a float or int8 LM head."""
+    return head.weight if hasattr(head, "weight") else head.weights.qweight
 
 
 def _share(modules: list[nn.Module], rows: int, per_layer: int) -> list[nn.Module]:
@@ -146,43 +160,46 @@ def _share(modules: list[nn.Module], rows: int, per_layer: int) -> list[nn.Modul
 
 
 def measure_curves(device: str, dtype: torch.dtype, total_bytes: int, sync, repeats: int, budget_s: float,
-                   widths: tuple[int, ...] = CURVE_WIDTHS) -> tuple[dict[str, tuple[tuple[int, Curve], ...]], dict[str, tuple[tuple[int, Curve], ...]]]:
+                   widths: tuple[int, ...] = CURVE_WIDTHS) -> tuple[dict[str, tuple[tuple[int, Curve], ...]],
+                                                                    dict[str, tuple[tuple[int, Curve], ...]]]:
     """(layer curves, head curves) by kernel: achieved FLOP/s against rows at each of `widths`.
 
     Weights total about `total_bytes` per kernel and width (half that for the quantized kernels, whose
-    weights are built from random codes): past the last-level cache, as a model's are.
+    weights are built from random codes): past the last-level cache, as a model's are. Every point is
+    timed in CURVE_PASSES passes over all kernels and widths, keeping the best: a slow spell of a
+    shared machine lasts seconds, and one pass's repeats of a point all fall within a second or two.
     """
     float_bytes = torch.finfo(dtype).bits // 8
-    layer_curves: dict[str, list] = {kind: [] for kind in LAYER_KERNELS}
-    head_curves: dict[str, list] = {kind: [] for kind in HEAD_KERNELS}
+    inputs = {width: {rows: {k: torch.full((rows, k), 0.5, dtype=dtype, device=device)
+                             for k in {width, _intermediate(width)}} for rows in CURVE_ROWS} for width in widths}
+    # (curve kind, kernel, width) -> (modules, modules per layer): what each curve times
+    sets: dict[tuple[str, str, int], tuple[list[nn.Module], int]] = {}
     for width in widths:
         params_per_layer = sum(k * n for k, n in layer_shapes(width))
-        inputs_by_rows = {rows: {k: torch.full((rows, k), 0.5, dtype=dtype, device=device)
-                                 for k in {width, _intermediate(width)}} for rows in CURVE_ROWS}
         for kind, (build, weight_bytes) in LAYER_KERNELS.items():
             budget = total_bytes if weight_bytes is None else total_bytes / 2
             num_layers = max(1, int(budget // (params_per_layer * (weight_bytes or float_bytes))))
-            modules = [build(k, n, dtype, device) for _ in range(num_layers) for k, n in layer_shapes(width)]
-            layer_curves[kind].append((width, tuple(
-                (float(rows), _rate(_share(modules, rows, len(layer_shapes(width))), inputs_by_rows[rows], rows,
-                                    sync, repeats, budget_s))
-                for rows in CURVE_ROWS)))
-            del modules
+            sets[("layer", kind, width)] = ([build(k, n, dtype, device) for _ in range(num_layers)
+                                             for k, n in layer_shapes(width)], len(layer_shapes(width)))
         for kind, build in HEAD_KERNELS.items():
             # Tables of up to HEAD_ROWS rows, as many as fill the budget: one would sit in the last-level cache.
             element = float_bytes if kind == "float" else 1
             vocab = max(1024, min(HEAD_ROWS, int(total_bytes // (width * element))))
-            heads = [build(vocab, width, dtype, device)
-                     for _ in range(max(1, int(total_bytes // (vocab * width * element))))]
-            points = []
+            sets[("head", kind, width)] = ([build(vocab, width, dtype, device)
+                                            for _ in range(max(1, int(total_bytes // (vocab * width * element))))], 1)
+    best: dict[tuple[str, str, int, int], float] = {}
+    for _ in range(CURVE_PASSES):
+        for (curve, kind, width), (modules, per_layer) in sets.items():
             for rows in CURVE_ROWS:
-                x = inputs_by_rows[rows][width]
-                timed = _share(heads, rows, 1)
-                seconds = best_time(lambda: [head(x) for head in timed], sync, repeats, budget_s)
-                points.append((float(rows), 2.0 * rows * vocab * width * len(timed) / seconds))
-            head_curves[kind].append((width, tuple(points)))
-    return ({kind: tuple(c) for kind, c in layer_curves.items()},
-            {kind: tuple(c) for kind, c in head_curves.items()})
+                timed = _share(modules, rows, per_layer)
+                key = (curve, kind, width, rows)
+                best[key] = max(best.get(key, 0.0),
+                                _rate(timed, inputs[width][rows], rows, sync, repeats, budget_s))
+    result: dict[str, dict[str, tuple[tuple[int, Curve], ...]]] = {"layer": {}, "head": {}}
+    for curve, kind, width in sets:
+        points = tuple((float(rows), best[(curve, kind, width, rows)]) for rows in CURVE_ROWS)
+        result[curve][kind] = result[curve].get(kind, ()) + ((width, points),)
+    return result["layer"], result["head"]
 
 
 class _NoMatmul(nn.Module):
@@ -357,7 +374,9 @@ def measure_scheduling(device: str, repeats: int, budget_s: float) -> tuple[floa
 def measure_runtime(device: str, dtype: torch.dtype, dtype_name: str, curve_bytes: int, sync,
                     repeats: int, budget_s: float, widths: tuple[int, ...] = CURVE_WIDTHS) -> RuntimeCosts:
     """All of this runtime's eager costs on `device`, activations in `dtype`, curves at `widths`."""
-    layer_curves, head_curves = measure_curves(device, dtype, curve_bytes, sync, repeats, budget_s, widths)
+    # Two passes of each curve point: half the repeats per pass.
+    layer_curves, head_curves = measure_curves(device, dtype, curve_bytes, sync, max(2, math.ceil(repeats / 2)),
+                                               budget_s, widths)
     # The probes below take milliseconds a run: many repeats make their best runs repeatable.
     probe_repeats = PROBE_REPEATS_PER_REPEAT * repeats
     dispatch, element = measure_elementwise(device, dtype, sync, probe_repeats, budget_s)

@@ -37,7 +37,7 @@ class CalibrationSizes:
 
 
 def calibration_sizes(is_quick: bool) -> CalibrationSizes:
-    """Sizes for the default run (< ~30 s on a laptop CPU) or a --quick one (a few seconds)."""
+    """Sizes for the default run (about a minute on a 2-core CPU) or a --quick one (about ten seconds)."""
     if is_quick:
         return CalibrationSizes(64 * MB, 64 * MB, 1024, 512, 256, 32 * MB, 16 * MB, 3, 0.5, 16 * MB)
     return CalibrationSizes(512 * MB, 512 * MB, 4096, 2048, 1024, 256 * MB, 256 * MB, 5, 3.0, 128 * MB)

@@ -64,9 +64,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
         "calibrate", help="measure this machine's bandwidth and FLOP/s for `--hardware local`",
         description="Measure memory, GEMV, matmul, host-link and disk rates, and the costs of roofline's own "
                     "runtime here (matmul kernels by rows and width, layer dispatch, paged attention, "
-                    "sampling), and save a profile (about a minute; --quick: seconds).")
+                    "sampling), and save a profile (about a minute; --quick: about ten seconds).")
     parser.add_argument("--output", type=Path, help=f"profile path (default {default_profile_path()})")
-    parser.add_argument("--quick", action="store_true", help="small sizes: a few seconds, noisier")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one curve width: about ten seconds, noisier")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.set_defaults(func=run_calibrate)
     return parser

@@ -9,7 +9,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from roofline.planner.calibrate_runtime import CURVE_WIDTHS, QUICK_CURVE_WIDTHS, best_time, measure_runtime
+from roofline.planner.calibrate_curves import CURVE_WIDTHS, QUICK_CURVE_WIDTHS
+from roofline.planner.calibrate_runtime import measure_runtime
+from roofline.planner.timing import best_time
 from roofline.planner.profile import CalibrationProfile
 
 MB = 1 << 20

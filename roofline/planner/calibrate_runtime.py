@@ -223,4 +223,5 @@ def measure_runtime(device: str, dtype: torch.dtype, dtype_name: str, curve_byte
         dtype=dtype_name, layer_curves=layer_curves, head_curves=head_curves, layer_dispatch_s=dispatch,
         element_s=element, decode_attention_s=decode_fixed, decode_kv_bandwidth=kv_bandwidth,
         prefill_attention_s=prefill_fixed, prefill_attention_unit_s=prefill_unit, sample_row_s=row_s,
-        sample_logit_s=logit_s, schedule_step_s=step_s, schedule_sequence_s=sequence_s, chunk_tokens=SchedulerConfig().max_num_batched_tokens)
+        sample_logit_s=logit_s, schedule_step_s=step_s, schedule_sequence_s=sequence_s,
+        chunk_tokens=SchedulerConfig().max_num_batched_tokens)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from roofline.planner import eager
 from roofline.planner.formats import WeightFormat
@@ -154,11 +154,10 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
                  prompt_len: int) -> StepCost:
     """Prefill of num_prompts prompts through the whole model (all stages in turn), per tensor rank."""
     tp, fmt, placement = layout.tp, layout.weight_format, layout.placement
-    if hw.runtime is not None:
-        return _eager_prefill_cost(spec, hw, layout, num_prompts, prompt_len)
     tokens = num_prompts * prompt_len
-    # Chunked prefill reads every weight once per chunk of MAX_BATCHED_TOKENS.
-    num_chunks = math.ceil(tokens / MAX_BATCHED_TOKENS)
+    # Chunked prefill reads every weight once per chunk: MAX_BATCHED_TOKENS, or a calibrated runtime's step.
+    chunk_tokens = MAX_BATCHED_TOKENS if hw.runtime is None else hw.runtime.chunk_tokens
+    num_chunks = math.ceil(tokens / chunk_tokens)
     weight_bytes = (spec.num_layers * spec.layer_params_per_rank(tp) + _head_params(spec) / tp) \
         * fmt.bytes_per_weight
     kv_per_token = KV_TENSORS * spec.num_layers * spec.kv_heads_per_rank(tp) * spec.head_dim * layout.kv_bytes
@@ -169,14 +168,16 @@ def prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts:
     comm_s = ALLREDUCES_PER_LAYER * spec.num_layers * allreduce_s(hw, tp, activation_bytes, num_chunks)
     if layout.pp > 1:
         comm_s += (layout.pp - 1) * p2p_s(hw, activation_bytes)
-    return StepCost(
+    streams = StepCost(
         weight_read_s=num_chunks * weight_bytes / hw.memory_bandwidth,
         kv_read_s=(kv_written - kv_host) / hw.memory_bandwidth,
-        # Each chunk's matmuls run MAX_BATCHED_TOKENS rows at a time (fewer for a short batch).
+        # Each chunk's matmuls run chunk_tokens rows at a time (fewer for a short batch).
         compute_s=num_prompts * spec.prefill_flops(prompt_len) / tp
-        / hw.matmul_rate(fmt.compute_dtype, min(tokens, MAX_BATCHED_TOKENS)),
+        / hw.matmul_rate(fmt.compute_dtype, min(tokens, chunk_tokens)),
         comm_s=comm_s, host_link_s=link_s, disk_s=disk_s,
         overhead_s=num_chunks * spec.num_layers * hw.prefill_overhead_s())
+    return streams if hw.runtime is None else _eager_prefill_terms(spec, hw, layout, num_prompts, prompt_len,
+                                                                   streams)
 
 
 def _elements_per_token(spec: ModelSpec, tp: int) -> float:
@@ -199,29 +200,21 @@ def _eager_matmul_s(spec: ModelSpec, hw: HardwareSpec, fmt: WeightFormat, layer_
     return layers + head
 
 
-def _eager_prefill_cost(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts: int,
-                        prompt_len: int) -> StepCost:
-    """Prefill on a calibrated eager runtime: its scheduler's chunks, measured matmul curves, dispatch,
-    elementwise work, causal attention per chunk and sampling of each prompt's first token."""
-    rc, tp, fmt, placement = hw.runtime, layout.tp, layout.weight_format, layout.placement
+def _eager_prefill_terms(spec: ModelSpec, hw: HardwareSpec, layout: Layout, num_prompts: int, prompt_len: int,
+                         streams: StepCost) -> StepCost:
+    """Prefill on a calibrated eager runtime: `streams`' weight reads, offload and communication, with the
+    runtime's terms: its scheduler's steps, measured matmul curves, dispatch, elementwise work, causal
+    attention per chunk (its KV writes included) and sampling of each prompt's first token."""
+    rc, tp, fmt = hw.runtime, layout.tp, layout.weight_format
     tokens = num_prompts * prompt_len
     num_steps, num_chunks = eager.prompt_chunks(num_prompts, prompt_len, rc.chunk_tokens)
     layers = spec.num_layers
-    weight_bytes = (layers * spec.layer_params_per_rank(tp) + _head_params(spec) / tp) * fmt.bytes_per_weight
-    kv_per_token = KV_TENSORS * layers * spec.kv_heads_per_rank(tp) * spec.head_dim * layout.kv_bytes
-    kv_host = tokens * kv_per_token * (1.0 - placement.kv_on_device)
-    link_s, disk_s = _offload_terms(hw, layout, num_steps * weight_bytes, kv_host)
-    activation_bytes = tokens * spec.hidden_size * fmt.activation_bytes
-    comm_s = ALLREDUCES_PER_LAYER * layers * allreduce_s(hw, tp, activation_bytes, num_steps)
-    if layout.pp > 1:
-        comm_s += (layout.pp - 1) * p2p_s(hw, activation_bytes)
     rows = min(tokens, rc.chunk_tokens)
     compute_s = _eager_matmul_s(spec, hw, fmt, tokens * spec.matmul_flops_per_token / tp,
                                 num_prompts * spec.lm_head_flops / tp, rows, max(1.0, num_prompts / num_steps))
     causal_pairs = num_prompts * prompt_len * (prompt_len + 1) / 2
-    return StepCost(
-        weight_read_s=num_steps * weight_bytes / hw.memory_bandwidth, kv_read_s=0.0, compute_s=compute_s,
-        comm_s=comm_s, host_link_s=link_s, disk_s=disk_s, overhead_s=num_steps * layers * rc.layer_dispatch_s,
+    return replace(
+        streams, kv_read_s=0.0, compute_s=compute_s, overhead_s=num_steps * layers * rc.layer_dispatch_s,
         attention_s=eager.prefill_attention_s(rc, layers, num_chunks, causal_pairs, spec.num_heads / tp,
                                               spec.head_dim),
         elementwise_s=eager.elementwise_s(rc, layers, tokens, _elements_per_token(spec, tp)),

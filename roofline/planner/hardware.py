@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from roofline.errors import ConfigError
-from roofline.planner.eager import RuntimeCosts, interpolate_curve
+from roofline.planner.eager import FLOAT_ALIASES, RuntimeCosts, interpolate_curve
 from roofline.planner.units import parse_quantity
 
 FLOAT_DTYPES = ("fp32", "bf16", "fp16")
@@ -62,7 +62,7 @@ class HardwareSpec:
 
     def flops_for(self, dtype: str) -> float:
         """FLOP/s of matmuls in dtype; fp16 and bf16 stand in for each other, else the best float rate."""
-        alias = {"bf16": "fp16", "fp16": "bf16"}.get(dtype)
+        alias = FLOAT_ALIASES.get(dtype)
         for key in (dtype, alias):
             if key is not None and self.flops.get(key, 0) > 0:
                 return self.flops[key]
@@ -70,7 +70,7 @@ class HardwareSpec:
         return max(self.flops.get(key, 0.0) for key in FLOAT_DTYPES)
 
     def _curve(self, dtype: str) -> tuple[tuple[float, float], ...] | None:
-        alias = {"bf16": "fp16", "fp16": "bf16"}.get(dtype)
+        alias = FLOAT_ALIASES.get(dtype)
         return next((self.matmul_curve[key] for key in (dtype, alias)
                      if key is not None and self.matmul_curve and self.matmul_curve.get(key)), None)
 

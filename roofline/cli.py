@@ -1,4 +1,4 @@
-"""Command line: `roofline generate | chat | batch | serve | plan | calibrate`."""
+"""Command line: `roofline generate | chat | kernels | batch | serve | plan | calibrate`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int4: input values per scale/zero pair")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="auto: the model dtype; int8: a quarter of fp32's KV memory, a scale per token and head")
+    p.add_argument("--kernels", default="auto",
+                   help="low-bit matmul kernels: auto (measured on this machine, cached), default (built-in rule), "
+                        "or a kernel name from `roofline kernels`")
+    p.add_argument("--kernel-accuracy", default="bf16", choices=["exact", "bf16", "int8"],
+                   help="loosest activation rounding a kernel may use (the output head is always exact unless int8)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +65,7 @@ def _make_llm(args: argparse.Namespace):
     return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
                quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-               kv_cache_dtype=args.kv_cache_dtype,
+               kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
                show_progress=sys.stderr.isatty())
 
 
@@ -149,6 +154,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": text})
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """Load the model, measure (or read from the cache) its low-bit kernels and print what was chosen."""
+    llm = _make_llm(args)
+    report = llm.engine.runner.kernel_report
+    if report is None or not report.shapes:
+        print(f"no low-bit layers to choose kernels for (quantization {args.quantization}, kernels {args.kernels})")
+        return 0
+    print(report.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="roofline", description=__doc__)
@@ -170,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    kern = sub.add_parser("kernels", help="show the matmul kernels measured and chosen on this machine")
+    _add_engine_args(kern)
+    kern.set_defaults(func=cmd_kernels)
 
     for register in _optional_commands():
         register(sub)

@@ -121,8 +121,17 @@ class QuantConfig:
     method: str = "auto"  # "auto": a GGUF file's own precision, a float checkpoint as is; "none", "int8", "int4"
     group_size: int = 32  # int4: input values per (scale, zero) pair, 32, 64 or 128
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "int8": int8 K/V with a scale per token and head
+    kernels: str = "auto"  # "auto": measured per layer shape and row bucket; "default": the built-in rule; or a name
+    kernel_accuracy: str = "bf16"  # loosest activation rounding a kernel may use: "exact", "bf16" or "int8"
 
     def __post_init__(self) -> None:
+        from roofline.kernels.candidates import CANDIDATES  # torch-level module; config stays cheap to import
+
+        names = ["auto", "default"] + [c.name for c in CANDIDATES]
+        if self.kernels not in names:
+            raise ConfigError(f"kernels must be one of {', '.join(names)}, got {self.kernels!r}")
+        if self.kernel_accuracy not in ("exact", "bf16", "int8"):
+            raise ConfigError(f"kernel_accuracy must be exact, bf16 or int8, got {self.kernel_accuracy!r}")
         if self.method not in ("auto", "none", "int8", "int4"):
             raise ConfigError(f"quantization must be auto, none, int8 or int4, got {self.method!r}")
         if self.group_size not in (32, 64, 128):

@@ -23,7 +23,8 @@ class LLM:
                  kv_cache_memory: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, preemption_mode: str = "auto",
                  swap_space: int = 2 << 30, show_progress: bool = False, quantization: str = "auto",
-                 quantization_group_size: int = 32, kv_cache_dtype: str = "auto") -> None:
+                 quantization_group_size: int = 32, kv_cache_dtype: str = "auto", kernels: str = "auto",
+                 kernel_accuracy: str = "bf16") -> None:
         config = EngineConfig(
             model=model,
             device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads),
@@ -32,7 +33,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, preemption_mode=preemption_mode),
             quant=QuantConfig(method=quantization, group_size=quantization_group_size,
-                              kv_cache_dtype=kv_cache_dtype),
+                              kv_cache_dtype=kv_cache_dtype, kernels=kernels, kernel_accuracy=kernel_accuracy),
             seed=seed,
             show_progress=show_progress,
         )

@@ -16,6 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+# kernel timings go to a per-run folder, never the user's ~/.cache (shared by the whole run: one probe per shape)
+os.environ.setdefault("ROOFLINE_CACHE_DIR", os.path.join(__import__("tempfile").mkdtemp(prefix="roofline-test-"), "cache"))
+
 VOCAB_SIZE = 512
 # the first ids of every tiny vocabulary are special tokens
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

@@ -40,6 +40,7 @@ def test_generate_json_with_logprobs(capsys):
     (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
     (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "--prompt", "hi", "--kernels", "nope"], "kernels must be one of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -47,3 +48,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert message in err
     assert len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_kernels_shows_the_choice_per_shape_and_bucket(capsys):
+    assert main(["kernels", "--kv-cache-memory", "64MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "torch" in out
+    assert "int8 49152x576 head" in out  # the default model's tied head
+    head = out[out.index("int8 49152x576 head"):]
+    assert "*" in head  # a kernel was chosen for it
+    assert "int4pack-bf16" in out  # the Q4_1 layers' kernel
+
+
+def test_forced_kernel_generates(capsys):
+    rc = main(["generate", "--prompt", "The sky is", "--temperature", "0", "--max-tokens", "4", "--json",
+               "--kernels", "intmm-2digit", "--kv-cache-memory", "64MiB"])
+    assert rc == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4

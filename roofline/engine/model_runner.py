@@ -17,6 +17,7 @@ from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
 from roofline.errors import ConfigError
+from roofline.kernels import Accuracy, KernelCache, KernelReport, select_kernels
 from roofline.models.registry import model_class
 
 logger = logging.getLogger("roofline")
@@ -60,6 +61,20 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin
     return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
+def select_model_kernels(model: torch.nn.Module, config: EngineConfig) -> KernelReport | None:
+    """Measure (or read from the cache) and install each low-bit layer's kernels; None when there are none."""
+    q = config.quant
+    from roofline.kernels.selector import low_bit_modules
+
+    if not low_bit_modules(model):
+        return None
+    report = select_kernels(model, q.kernels, Accuracy.parse(q.kernel_accuracy), KernelCache())
+    if report.shapes and not all(s.from_cache for s in report.shapes):
+        logger.info("kernels measured for %d layer shapes in %.1f s (cached for the next start)",
+                    len(report.shapes), report.probe_seconds)
+    return report
+
+
 @dataclass
 class ModelRunnerOutput:
     """What one step produced, per request id."""
@@ -82,6 +97,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.swap_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.kernel_report: KernelReport | None = None  # what the kernel probe measured and chose at load
 
     @classmethod
     def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
@@ -107,8 +123,11 @@ class ModelRunner:
         model.eval()
         if not plan.is_empty:
             logger.info("quantization %s: %s", config.quant.method, plan.describe())
+        runner_kernels = select_model_kernels(model, config)
         kv_dtype = torch.int8 if config.quant.kv_cache_dtype == "int8" else dtype
-        return cls(model, model_config, device, dtype, kv_dtype)
+        runner = cls(model, model_config, device, dtype, kv_dtype)
+        runner.kernel_report = runner_kernels
+        return runner
 
     @property
     def kv_bytes_per_token(self) -> int:

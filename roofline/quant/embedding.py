@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from roofline.kernels.candidates import LowBitWeights
 from roofline.loaders.gguf import GGMLTensor
 from roofline.quant.functional import INT8_GGML_TYPES, decode_ggml, quantize_int8, requantize_int8
 from roofline.quant.linear import int8_linear
@@ -54,6 +55,8 @@ class Int8LMHead(nn.Module):
         super().__init__()
         self.is_tied = tied_to is not None
         self.weights = tied_to if tied_to is not None else Int8Embedding(vocab_size, dim, torch.float32, device)
+        self.is_head = True  # the selector holds heads to fp32-precise kernels (logits, logprobs)
+        self.kernel_table = None  # set by roofline.kernels.select_kernels
 
     @property
     def is_loaded(self) -> bool:
@@ -64,7 +67,21 @@ class Int8LMHead(nn.Module):
         """Quantize (or decode) an untied head's [V, D] checkpoint matrix."""
         self.weights.load_tensor(tensor)
 
+    def kernel_weights(self) -> LowBitWeights | None:
+        """The int8 rows as kernel candidates consume them (None until loaded)."""
+        w = self.weights
+        if not w.is_loaded:
+            return None
+        vocab, dim = w.qweight.shape
+        return LowBitWeights("int8", vocab, dim, w.qweight, w.scale, w.scale_bf16)
+
+    def reference_weight(self) -> torch.Tensor:
+        """The fp32 weight [V, D] kernels are checked against."""
+        return self.weights.qweight.float() * self.weights.scale[:, None]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V] fp32
+        if self.kernel_table is not None and hidden.device.type == "cpu":
+            return self.kernel_table(hidden).float()
         # always the integer path, fp32 out: bf16 logits (the weight-only kernel's output) tie near-equal
         # tokens (a step of 1/16 at logit 20) and blur logprobs
         w = self.weights

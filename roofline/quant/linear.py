@@ -19,16 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roofline.kernels.candidates import LowBitWeights
+from roofline.kernels.candidates import INT8_PACK_COL_MULTIPLE, int8_activation_mm
 from roofline.layers.linear import Linear
 from roofline.loaders.gguf import GGMLTensor
 from roofline.quant.functional import (INT4_GGML_TYPES, INT8_GGML_TYPES, Int4Weight, Int8Weight, decode_ggml,
                                        dequantize_int4, quantize_int4, quantize_int8, requantize_int8)
 
 INT4_PACK_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
-INT8_PACK_COL_MULTIPLE = 16  # _weight_int8pack_mm crashes (torch 2.13, CPU) on batches when K % 16 != 0
-# _int_mm takes ~4x longer for 2-7 rows than for 1 (measured on the 49152 x 576 head), so fewer rows go
-# one at a time
-INT_MM_MIN_BATCH_ROWS = 8
 
 
 # From this many rows up, int8 activations x int8 weights (`torch._int_mm`) beat the weight-only kernel,
@@ -53,24 +51,6 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scale_bf1
     return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale_bf16).to(x.dtype)
 
 
-def int8_activation_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ (scale[:, None] * q)^T in integer arithmetic, fp32 out, activations good to ~2^-15.
-
-    One int8 digit per activation (a scale per token) costs this model +2.5% perplexity (its
-    activations have outlier channels); a second digit for the rounding residual, x ~ s (d1 + d2 / 127),
-    makes the error ~1/(127 * 254) of the token's largest value, for a second GEMM over the same weights.
-    """
-    T = x.shape[0]
-    step = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).float().clamp_min_(1e-30) / 127
-    scaled = x.float() / step  # [T, K] in [-127, 127]
-    high = torch.round(scaled)
-    low = torch.round((scaled - high) * 127)  # the residual in [-0.5, 0.5] steps, as a second digit
-    digits = torch.cat([high, low]).to(torch.int8)  # [2T, K]
-    if 2 * T < INT_MM_MIN_BATCH_ROWS:  # one row at a time: faster than a small batch (torch 2.13, CPU)
-        acc = torch.cat([torch._int_mm(digits[i:i + 1], q.t()) for i in range(2 * T)]).float()
-    else:
-        acc = torch._int_mm(digits, q.t()).float()  # [2T, N], exact integers
-    return (acc[:T] + acc[T:] / 127) * step * scale
 
 
 class Int8Linear(Linear):
@@ -86,6 +66,7 @@ class Int8Linear(Linear):
         self.register_buffer("scale", torch.zeros(self.out_features, device=device))  # [N] fp32
         self.register_buffer("scale_bf16", torch.zeros(self.out_features, dtype=torch.bfloat16, device=device))
         self.use_cpu_kernels = True  # False: the generic dequantize-and-matmul path other devices take
+        self.kernel_table = None  # set by roofline.kernels.select_kernels: the measured kernel per row bucket
 
     def load(self, param_name: str, tensor: torch.Tensor | GGMLTensor, shard: int = 0) -> None:
         """Quantize (or decode) a checkpoint tensor into one shard of the weight, or copy a bias."""
@@ -110,7 +91,19 @@ class Int8Linear(Linear):
         """The fp32 weight [N, K] this layer multiplies by."""
         return self.weight.float() * self.scale[:, None]
 
+    def kernel_weights(self) -> LowBitWeights:
+        """The weights as kernel candidates consume them."""
+        return LowBitWeights("int8", self.out_features, self.in_features, self.weight.data, self.scale,
+                             self.scale_bf16)
+
+    def reference_weight(self) -> torch.Tensor:
+        """The fp32 weight [N, K] kernels are checked against."""
+        return self.dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.kernel_table is not None and x.device.type == "cpu":
+            y = self.kernel_table(x).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         y = int8_linear(x, self.weight, self.scale, self.scale_bf16, use_cpu_kernels=self.use_cpu_kernels)
         return y if self.bias is None else y + self.bias
 
@@ -138,6 +131,7 @@ class Int4Linear(Linear):
         self.loaded_shards: set[int] = set()
         # the CPU kernel's packed layout, else plain nibble pairs and dequantize-and-matmul (other devices)
         self.use_cpu_kernels = self.weight.device.type == "cpu"
+        self.kernel_table = None  # set by roofline.kernels.select_kernels: the measured kernel per row bucket
 
     def load(self, param_name: str, tensor: torch.Tensor | GGMLTensor, shard: int = 0) -> None:
         """Quantize (or decode) a checkpoint tensor into one shard of the weight, or copy a bias."""
@@ -200,10 +194,23 @@ class Int4Linear(Linear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.group_size,
                                                           self.scales_and_zeros)
 
+    def kernel_weights(self) -> LowBitWeights | None:
+        """The packed weights as kernel candidates consume them (None before packing or off the CPU layout)."""
+        if not (self.is_packed and self.use_cpu_kernels):
+            return None
+        return LowBitWeights("int4", self.out_features, self.in_features, self.weight.data,
+                             group_size=self.group_size, scales_and_zeros=self.scales_and_zeros)
+
+    def reference_weight(self) -> torch.Tensor:
+        """The fp32 weight [N, K] kernels are checked against."""
+        return self.dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if not self.is_packed:
             raise RuntimeError("Int4Linear used before finalize()")
-        if self.use_cpu_kernels:
+        if self.kernel_table is not None and x.device.type == "cpu":
+            y = self.kernel_table(x).to(x.dtype)
+        elif self.use_cpu_kernels:
             y = self.forward_packed(x).to(x.dtype)
         else:
             w = self.weight.data

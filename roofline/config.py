@@ -125,9 +125,9 @@ class QuantConfig:
     kernel_accuracy: str = "bf16"  # loosest activation rounding a kernel may use: "exact", "bf16" or "int8"
 
     def __post_init__(self) -> None:
-        from roofline.kernels.candidates import CANDIDATES  # torch-level module; config stays cheap to import
+        from roofline.kernels.candidates import candidate_names  # torch-level module; config stays cheap to import
 
-        names = ["auto", "default"] + [c.name for c in CANDIDATES]
+        names = ["auto", "default"] + candidate_names()
         if self.kernels not in names:
             raise ConfigError(f"kernels must be one of {', '.join(names)}, got {self.kernels!r}")
         if self.kernel_accuracy not in ("exact", "bf16", "int8"):

@@ -17,7 +17,7 @@ from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
 from roofline.errors import ConfigError
-from roofline.kernels import Accuracy, KernelCache, KernelReport, select_kernels
+from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
 
 logger = logging.getLogger("roofline")
@@ -63,11 +63,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pin
 
 def select_model_kernels(model: torch.nn.Module, config: EngineConfig) -> KernelReport | None:
     """Measure (or read from the cache) and install each low-bit layer's kernels; None when there are none."""
-    q = config.quant
-    from roofline.kernels.selector import low_bit_modules
-
     if not low_bit_modules(model):
         return None
+    q = config.quant
     report = select_kernels(model, q.kernels, Accuracy.parse(q.kernel_accuracy), KernelCache())
     if report.shapes and not all(s.from_cache for s in report.shapes):
         logger.info("kernels measured for %d layer shapes in %.1f s (cached for the next start)",

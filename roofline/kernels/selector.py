@@ -12,7 +12,6 @@ from memory as in a real step, not from cache), and the fastest is installed as 
 from __future__ import annotations
 
 import bisect
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +22,6 @@ from torch import nn
 from roofline.kernels.cache import KernelCache, MachineKey, machine_key
 from roofline.kernels.candidates import (CANDIDATES, Accuracy, Kernel, KernelCandidate, LowBitWeights,
                                          candidates_for)
-
-logger = logging.getLogger("roofline")
 
 ROW_BUCKETS = (1, 4, 16, 64, 256)  # rows the probe times; a call uses the largest bucket <= its rows
 # relative error (max |y - ref| / max |ref|) a candidate may show on the check input, per accuracy class
@@ -144,7 +141,7 @@ def _measure_group(shape: ShapeReport, modules: list[nn.Module], eligible: list[
     shape.from_cache = True
     if len(eligible) == 1:  # nothing to choose between: check it works, time nothing
         shape.from_cache = False
-        error = _check(eligible[0], weights[0], probe_modules[0].reference_weight(), shape.accuracy)
+        error = _check(eligible[0], weights[0], probe_modules[0].reference_weight())
         if error is not None:
             shape.dropped[eligible[0].name] = error
         else:
@@ -162,13 +159,13 @@ def _measure_group(shape: ShapeReport, modules: list[nn.Module], eligible: list[
         shape.from_cache = False
         if reference is None:
             reference = probe_modules[0].reference_weight()  # [N, K] fp32
-        error = _check(cand, weights[0], reference, shape.accuracy)
+        error = _check(cand, weights[0], reference)
         if error is None:
             try:
                 kernels = [cand.prepare(w) for w in weights]
                 timings = {b: _time_pass(kernels, b, weights[0].in_features) for b in buckets}
             except Exception as exc:  # noqa: BLE001 - a failing candidate is dropped, whatever it raised
-                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                error = _why(exc)
         if error is not None:
             shape.dropped[cand.name] = error
             entry = {"error": error}
@@ -183,7 +180,12 @@ def _measure_group(shape: ShapeReport, modules: list[nn.Module], eligible: list[
             shape.chosen[b] = min(timed)[1]
 
 
-def _check(cand: KernelCandidate, w: LowBitWeights, reference: torch.Tensor, allowed: Accuracy) -> str | None:
+def _why(exc: Exception) -> str:
+    """An exception as the one short line a report shows."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
+def _check(cand: KernelCandidate, w: LowBitWeights, reference: torch.Tensor) -> str | None:
     """None if `cand` runs and matches the dequantized weight within its class's tolerance, else why not."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, w.in_features, generator=gen)
@@ -191,7 +193,7 @@ def _check(cand: KernelCandidate, w: LowBitWeights, reference: torch.Tensor, all
     try:
         y = cand.prepare(w)(x).float()
     except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        return _why(exc)
     ref = x @ reference.t()
     if y.shape != ref.shape:
         return f"wrong output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"

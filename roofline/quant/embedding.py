@@ -14,7 +14,8 @@ from torch import nn
 
 from roofline.kernels.candidates import LowBitWeights
 from roofline.loaders.gguf import GGMLTensor
-from roofline.quant.functional import INT8_GGML_TYPES, decode_ggml, quantize_int8, requantize_int8
+from roofline.quant.functional import (INT8_GGML_TYPES, Int8Weight, decode_ggml, dequantize_int8, quantize_int8,
+                                       requantize_int8)
 from roofline.quant.linear import int8_linear
 
 
@@ -77,7 +78,7 @@ class Int8LMHead(nn.Module):
 
     def reference_weight(self) -> torch.Tensor:
         """The fp32 weight [V, D] kernels are checked against."""
-        return self.weights.qweight.float() * self.weights.scale[:, None]
+        return dequantize_int8(Int8Weight(self.weights.qweight, self.weights.scale))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N, V] fp32
         if self.kernel_table is not None and hidden.device.type == "cpu":

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roofline.kernels.candidates import LowBitWeights
-from roofline.kernels.candidates import INT8_PACK_COL_MULTIPLE, int8_activation_mm
+from roofline.kernels.candidates import INT8_PACK_COL_MULTIPLE, LowBitWeights, int8_activation_mm
 from roofline.layers.linear import Linear
 from roofline.loaders.gguf import GGMLTensor
 from roofline.quant.functional import (INT4_GGML_TYPES, INT8_GGML_TYPES, Int4Weight, Int8Weight, decode_ggml,
@@ -103,8 +102,8 @@ class Int8Linear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.kernel_table is not None and x.device.type == "cpu":
             y = self.kernel_table(x).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        y = int8_linear(x, self.weight, self.scale, self.scale_bf16, use_cpu_kernels=self.use_cpu_kernels)
+        else:
+            y = int8_linear(x, self.weight, self.scale, self.scale_bf16, use_cpu_kernels=self.use_cpu_kernels)
         return y if self.bias is None else y + self.bias
 
 

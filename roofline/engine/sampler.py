@@ -36,19 +36,39 @@ class SampledToken:
     processed_logprob: float | None
 
 
+def _padded(id_lists: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[N, max_len] int64 of the lists, padded with -1 (never a token id)."""
+    width = max((len(ids) for ids in id_lists), default=0)
+    out = torch.full((len(id_lists), max(width, 1)), -1, dtype=torch.long)
+    for i, ids in enumerate(id_lists):
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out.to(device)
+
+
+def _token_counts(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N, vocab] occurrences of each token id in each row of `ids` [N, L] (-1 pads ignored)."""
+    counts = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.float32, device=ids.device)
+    slot = torch.where(ids < 0, vocab, ids)  # pads land in a spare column that is dropped
+    return counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.float32))[:, :vocab]
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Presence/frequency penalties on generated tokens and repetition penalty on prompt + generated tokens."""
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.presence_penalty or p.frequency_penalty:
-            out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                                dtype=torch.long, device=logits.device)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    """Presence/frequency penalties on generated tokens and repetition penalty on prompt + generated tokens.
+
+    All rows at once: token occurrences are counted by one scatter over the padded id lists.
+    """
+    params = [r.params for r in rows]
+    vocab, device = logits.shape[-1], logits.device
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        counts = _token_counts(_padded([r.output_token_ids for r in rows], device), vocab).to(logits.dtype)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        logits -= freq * counts + pres * (counts > 0).to(logits.dtype)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = _token_counts(_padded([r.prompt_token_ids + r.output_token_ids for r in rows], device), vocab) > 0
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
     return logits
 
 
@@ -72,48 +92,72 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 class Sampler:
-    """Turns a batch of logits rows into tokens and logprobs."""
+    """Turns a batch of logits rows into tokens and logprobs.
+
+    Vectorized over rows: which steps run is decided on the host from the rows' parameters (never from
+    tensor values), so the only device-to-host transfer is the one packed result per call.
+    """
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         # logits [N, V] fp32
-        want_logprobs = [r.params.logprobs is not None for r in rows]
-        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-        logits = apply_penalties(logits.clone(), rows)
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        greedy = temps == 0
-        chosen = logits.argmax(dim=-1)
+        params = [r.params for r in rows]
+        device = logits.device
+        num_top = [p.logprobs for p in params]
+        max_top = max((n or 0 for n in num_top), default=0)
+        want_logprobs = any(n is not None for n in num_top)
+        want_processed = any(p.processed_logprobs for p in params)
+        raw = logits
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+            logits = apply_penalties(logits.clone(), rows)
+        chosen = logits.argmax(dim=-1)  # [N]
         processed = logits
-        if not bool(greedy.all()):
-            scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
-            top_k = torch.tensor([r.params.top_k for r in rows], device=logits.device)
-            top_p = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-            min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
-            if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
-                scaled = apply_top_k_top_p_min_p(scaled, top_k, top_p, min_p)
-            processed = torch.where(greedy[:, None], logits, scaled)
+        is_random = [p.temperature > 0 for p in params]
+        if any(is_random):
+            temps = torch.tensor([p.temperature if r else 1.0 for p, r in zip(params, is_random)], device=device)
+            scaled = logits / temps[:, None]
+            if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p, r in zip(params, is_random) if r):
+                scaled = apply_top_k_top_p_min_p(
+                    scaled, torch.tensor([p.top_k for p in params], device=device),
+                    torch.tensor([p.top_p for p in params], device=device),
+                    torch.tensor([p.min_p for p in params], device=device))
             probs = scaled.softmax(dim=-1)
             # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; per-row generators keep seeds exact
-            noise = torch.empty_like(probs)
+            noise = torch.ones_like(probs)
             for i, row in enumerate(rows):
-                noise[i].exponential_(generator=row.generator)
-            sampled = (probs / noise).argmax(dim=-1)
-            chosen = torch.where(greedy, chosen, sampled)
-        chosen_list = chosen.tolist()
-        processed_lp = None
-        if any(r.params.processed_logprobs for r in rows):
-            processed_lp = processed.log_softmax(dim=-1).gather(1, chosen[:, None]).squeeze(1).tolist()
+                if is_random[i]:
+                    noise[i].exponential_(generator=row.generator)
+            is_random_t = torch.tensor(is_random, device=device)
+            chosen = torch.where(is_random_t, (probs / noise).argmax(dim=-1), chosen)
+            processed = torch.where(is_random_t[:, None], scaled, logits)
+        # one packed result: [token, raw logprob, rank, processed logprob, top ids..., top logprobs...]
+        columns = [chosen.double()[:, None]]
+        if want_logprobs:
+            lps = raw.log_softmax(dim=-1)
+            chosen_lp = lps.gather(1, chosen[:, None])  # [N, 1]
+            rank = (lps > chosen_lp).sum(dim=-1, keepdim=True) + 1
+            columns += [chosen_lp.double(), rank.double()]
+        if want_processed:
+            columns.append(processed.log_softmax(dim=-1).gather(1, chosen[:, None]).double())
+        if max_top:
+            top_lps, top_ids = lps.topk(max_top, dim=-1)
+            columns += [top_ids.double(), top_lps.double()]
+        packed = torch.cat(columns, dim=1).tolist()  # the step's one device-to-host transfer
         results = []
-        for i, row in enumerate(rows):
-            token = chosen_list[i]
-            entry = SampledToken(token, None, None, [], [], processed_lp[i] if processed_lp else None)
-            if want_logprobs[i]:
-                lp_row = raw_logprobs[i]
-                entry.logprob = float(lp_row[token])
-                entry.rank = int((lp_row > lp_row[token]).sum()) + 1
-                n = row.params.logprobs
-                if n:
-                    values, ids = lp_row.topk(n)
-                    entry.top_ids, entry.top_logprobs = ids.tolist(), values.tolist()
+        for i, values in enumerate(packed):
+            col = 1
+            entry = SampledToken(int(values[0]), None, None, [], [], None)
+            if want_logprobs:
+                if num_top[i] is not None:
+                    entry.logprob, entry.rank = values[1], int(values[2])
+                col = 3
+            if want_processed:
+                if params[i].processed_logprobs:
+                    entry.processed_logprob = values[col]
+                col += 1
+            n = num_top[i] or 0
+            if n:
+                entry.top_ids = [int(t) for t in values[col: col + n]]
+                entry.top_logprobs = values[col + max_top: col + max_top + n]
             results.append(entry)
         return results
 

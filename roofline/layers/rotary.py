@@ -41,7 +41,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q and k at given positions from a precomputed cos/sin table."""
+    """Rotary embeddings from a precomputed table: gathered once per step, applied to q and k in every layer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
@@ -50,13 +50,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, H, D]; k [T, KVH, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def gather(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, D] for the step's positions [T]: one gather per step, shared by every layer.
+
+        Full width, with the sign of rotate-half folded into sin, so a layer rotates with four ops.
+        """
+        cos = self.cos.index_select(0, positions)  # [T, D/2]
+        sin = self.sin.index_select(0, positions)
+        cos = torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1)
+        sin = torch.cat((-sin, sin), dim=-1).to(dtype).unsqueeze(1)
+        return cos, sin
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [T, heads, D] (rotate-half layout) by the step's (cos, sin) [T, 1, D]."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    # the same products and sums as x * cos + rotate_half(x) * sin, in the same order: fp32-identical
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin

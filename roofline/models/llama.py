@@ -18,15 +18,16 @@ from roofline.layers.attention import AttentionMetadata, PagedAttention
 from roofline.layers.embedding import LMHead, VocabEmbedding
 from roofline.layers.linear import Linear
 from roofline.layers.norm import RMSNorm
-from roofline.layers.rotary import RotaryEmbedding
+from roofline.layers.rotary import RotaryEmbedding, apply_rotary
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # the step's (cos, sin) [T, 1, head_dim], gathered once per step
 
 
 class LlamaAttention(nn.Module):
     """Self-attention with fused q/k/v projection, rotary embeddings and paged KV."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -35,19 +36,18 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, [cfg.hidden_size], bias=cfg.attention_bias and cfg.architecture != "qwen2")
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = [rotary]  # shared by every layer; a list so it is not registered once per layer
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary[0](positions, q, k)
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        T, H, D = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D]
+        v = qkv[:, (H + self.num_kv_heads) * D:].view(T, self.num_kv_heads, D)
+        if self.q_norm is None:  # q and k rotated together: one set of ops for both
+            qk = apply_rotary(qkv[:, :(H + self.num_kv_heads) * D].view(T, H + self.num_kv_heads, D), rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:  # per-head norms first (Qwen3), each with its own weight
+            q = apply_rotary(self.q_norm(qkv[:, :H * D].view(T, H, D)), rope)
+            k = apply_rotary(self.k_norm(qkv[:, H * D:(H + self.num_kv_heads) * D].view(T, self.num_kv_heads, D)), rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -67,16 +67,15 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary)
+        self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -87,7 +86,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -109,8 +108,9 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions [T] -> hidden [T, hidden]
         x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.gather(positions, x.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -95,12 +95,12 @@ def measure_elementwise(device: str, dtype: torch.dtype, sync, repeats: int, bud
         sweep_s = best_time(lambda: [nn.functional.linear(vector, w) for w in sweeps], sync, repeats, budget_s)
         for tokens in ELEMENT_TOKENS:
             x = torch.full((tokens, PROBE_WIDTH), 0.5, dtype=dtype, device=device)
-            positions = torch.arange(tokens, device=device)
+            rope = model.model.rotary.gather(torch.arange(tokens, device=device), dtype)
 
-            def run(x=x, positions=positions) -> None:
+            def run(x=x, rope=rope) -> None:
                 for layer, weight in zip(model.model.layers, sweeps):
                     nn.functional.linear(vector, weight)
-                    layer(x, positions, None, None)
+                    layer(x, rope, None, None)
 
             times.append(max(0.0, best_time(run, sync, repeats, budget_s) - sweep_s) / PROBE_LAYERS)
     elements = activation_elements(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,

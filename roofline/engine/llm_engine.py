@@ -78,7 +78,7 @@ class LLMEngine:
                 f"sequence of max_model_len={self.max_model_len}; give more KV memory or a smaller max_model_len")
         num_swap = config.cache.swap_space_bytes // block_bytes if self.runner.device.type == "cuda" else \
             min(config.cache.swap_space_bytes // block_bytes, num_blocks)
-        self.runner.allocate_kv_cache(num_blocks, bs, num_swap)
+        self.runner.allocate_kv_cache(num_blocks, bs, num_swap, self.max_model_len, config.scheduler.max_num_seqs)
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
         self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode)
         self.groups: dict[str, _Group] = {}
@@ -180,7 +180,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the outputs of every request that advanced."""
         plan: SchedulerOutput = self.scheduler.schedule()
-        result = self.runner.execute(plan, self.kv)
+        result = self.runner.execute(plan)
         sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
         self.scheduler.update_from_output(plan, sampled_ids)
         touched: dict[str, _Group] = {}

@@ -12,13 +12,13 @@ import torch
 
 from roofline import quant
 from roofline.config import EngineConfig, ModelConfig
-from roofline.engine.input_batch import build_input_batch
-from roofline.engine.kv_cache import KVCacheManager
+from roofline.engine.input_batch import PersistentBatch, RequestState
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
 from roofline.errors import ConfigError
 from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
+from roofline.sampling_params import SamplingParams
 
 logger = logging.getLogger("roofline")
 
@@ -95,6 +95,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.swap_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.batch: PersistentBatch | None = None  # the runner's own request state, made with the KV cache
         self.kernel_report: KernelReport | None = None  # what the kernel probe measured and chose at load
 
     @classmethod
@@ -139,8 +140,9 @@ class ModelRunner:
         """Bytes of model weights, quantized ones with their scales (a tied embedding counted once)."""
         return quant.weight_bytes(self.model)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_swap_blocks: int) -> None:
-        """Preallocate per-layer K/V block tensors on the device, and swap space in CPU memory."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, num_swap_blocks: int, max_model_len: int,
+                          max_num_seqs: int) -> None:
+        """Preallocate per-layer K/V block tensors on the device, swap space in CPU memory, and the batch state."""
         c = self.model_config
         slot = quant.kv_slot_size(c.head_dim, self.kv_dtype)
         shape = (num_blocks, block_size, c.num_kv_heads, slot)
@@ -155,6 +157,7 @@ class ModelRunner:
                              _zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin))
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
+        self.batch = PersistentBatch(block_size, -(-max_model_len // block_size), max_num_seqs, self.device)
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         for src, dst in out.block_copies:
@@ -173,15 +176,18 @@ class ModelRunner:
                 v[dev.to(self.device)] = sv[cpu].to(self.device)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, kv: KVCacheManager) -> ModelRunnerOutput:
-        """Run one step: move blocks, forward the flat batch, sample where a sequence ends."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: take the scheduler's hand-off, move blocks, forward the flat batch, sample."""
+        batch_state = self.batch
+        batch_state.update(out)
         self._move_blocks(out)
         result = ModelRunnerOutput()
         if out.is_empty:
             return result
-        batch = build_input_batch(out, kv, self.device)
+        batch = batch_state.prepare(out)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
         if not batch.logits_rows:
+            batch_state.advance(out, {})
             return result
         rows = torch.tensor([r.row for r in batch.logits_rows], device=self.device)
         logits = self.model.compute_logits(hidden[rows])  # [N, vocab] fp32
@@ -189,21 +195,35 @@ class ModelRunner:
         prompt_idx = [i for i, r in enumerate(batch.logits_rows) if not r.sample]
         if prompt_idx:
             targets = [batch.logits_rows[i].prompt_target for i in prompt_idx]
-            tops = [batch.logits_rows[i].item.request.sampling_params.prompt_logprobs for i in prompt_idx]
-            entries = prompt_logprobs(logits[prompt_idx], targets, tops)
-            for i, entry in zip(prompt_idx, entries):
-                rid = batch.logits_rows[i].item.request.request_id
+            owners = [batch.logits_rows[i].request_id for i in prompt_idx]
+            tops = [batch_state.states[rid].sampling_params.prompt_logprobs for rid in owners]
+            for rid, entry in zip(owners, prompt_logprobs(logits[prompt_idx], targets, tops)):
                 result.prompt_logprobs.setdefault(rid, []).append(entry)
-        if sample_idx:
+        sampled: list[SampledToken] = []
+        row_logits, sampling_rows, owners = [], [], []
+        for i in sample_idx:
             # a parent completing its prompt also samples the first token of each forked child
-            row_logits, sampling_rows, owners = [], [], []
-            for i in sample_idx:
-                item = batch.logits_rows[i].item
-                for r in [item.request, *item.fork_children]:
-                    row_logits.append(i)
-                    sampling_rows.append(SamplingRow(r.sampling_params, r.generator, r.prompt_token_ids,
-                                                     r.output_token_ids))
-                    owners.append(r.request_id)
+            state = batch_state.states[batch.logits_rows[i].request_id]
+            rows_of = [(state.request_id, state.sampling_params, state.generator)]
+            rows_of += [(f.request_id, f.sampling_params, f.generator) for f in out.forks.get(state.request_id, [])]
+            for rid, params, generator in rows_of:
+                row_logits.append(i)
+                sampling_rows.append(self._sampling_row(state, params, generator))
+                owners.append(rid)
+        if row_logits:
             sampled = self.sampler(logits[row_logits], sampling_rows)
             result.sampled = dict(zip(owners, sampled))
+        forked = {f.request_id: (parent, f) for parent, fs in out.forks.items() for f in fs}
+        batch_state.advance(out, {rid: s.token_id for rid, s in result.sampled.items() if rid not in forked})
+        for rid, (parent, f) in forked.items():
+            child = batch_state.fork(parent, rid, f.sampling_params, f.generator)
+            child.token_ids.append(result.sampled[rid].token_id)
         return result
+
+    @staticmethod
+    def _sampling_row(state: RequestState, params: SamplingParams, generator: torch.Generator | None) -> SamplingRow:
+        # token histories only where penalties read them: slicing long contexts every step is what we avoid
+        if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+            prompt, output = state.token_ids[: state.num_prompt_tokens], state.token_ids[state.num_prompt_tokens:]
+            return SamplingRow(params, generator, prompt, output)
+        return SamplingRow(params, generator, [], [])

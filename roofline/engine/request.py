@@ -53,6 +53,7 @@ class Request:
     sample_index: int = 0  # which of the parent's n samples this is
     first_token_time: float | None = None
     first_scheduled_time: float | None = None  # when it first entered the running batch
+    _token_ids: list[int] = field(default_factory=list, repr=False)  # prompt + output, appended as they grow
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -66,8 +67,13 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        """Prompt followed by generated tokens."""
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt followed by generated tokens: one list, extended by the new tokens only (do not mutate)."""
+        if not self._token_ids:
+            self._token_ids.extend(self.prompt_token_ids)
+        num_known = len(self._token_ids) - len(self.prompt_token_ids)
+        if num_known < len(self.output_token_ids):
+            self._token_ids.extend(self.output_token_ids[num_known:])
+        return self._token_ids
 
     @property
     def num_output_tokens(self) -> int:

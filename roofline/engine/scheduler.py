@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from roofline.config import SchedulerConfig
 from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.request import Request, RequestStatus
+from roofline.sampling_params import SamplingParams
 
 
 @dataclass
@@ -33,10 +36,51 @@ class ScheduledRequest:
 
 
 @dataclass
+class NewRequestData:
+    """A request the runner does not hold yet (first run, or resumed after a preemption): all it needs."""
+
+    request_id: str
+    token_ids: list[int]  # the prompt, plus tokens generated before a preemption
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # tokens whose K/V are already cached (prefix hit, swap-in)
+    num_prompt_logprobs_done: int  # prompt positions whose logprobs were reported before a preemption
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed since its last step."""
+
+    request_id: str
+    new_block_ids: list[int]  # blocks appended to its table
+    num_computed_tokens: int
+
+
+@dataclass
+class ForkedSample:
+    """One of samples 2..n that branches off its parent's prompt in the step that completes it."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
 class SchedulerOutput:
-    """The plan of one step, handed to the model runner."""
+    """The plan of one step.
+
+    The model runner reads only the hand-off fields (new and cached requests, token counts, forks,
+    finished ids and block moves) and keeps its own state; `scheduled` is the scheduler's own view.
+    """
 
     scheduled: list[ScheduledRequest]
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # request id -> tokens, in batch order
+    forks: dict[str, list[ForkedSample]] = field(default_factory=dict)  # parent id -> samples forking off it
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last step: state to drop
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) device blocks (forks)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
@@ -74,6 +118,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.pending_children: dict[str, list[Request]] = {}
         self._pending_copies: list[tuple[int, int]] = []
+        self._num_blocks_sent: dict[str, int] = {}  # requests the runner holds -> block ids handed over
+        self._finished_ids: list[str] = []  # finished since the last plan, for the runner to drop
         self.num_preemptions = 0
         self.num_swaps = 0
 
@@ -101,6 +147,7 @@ class Scheduler:
             self.kv.free(request)
             request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
+        self._num_blocks_sent.pop(request.request_id, None)
         self.num_preemptions += 1
         out.preempted_ids.append(request.request_id)
         self.waiting.insert(0, request)
@@ -114,8 +161,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step."""
-        out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies)
-        self._pending_copies = []
+        out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies, finished_ids=self._finished_ids)
+        self._pending_copies, self._finished_ids = [], []
         budget = self.config.max_num_batched_tokens
         # 1. running requests, highest priority first; preempt from the back when blocks run out
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
@@ -161,7 +208,26 @@ class Scheduler:
             budget -= num_new
         for item in out.scheduled:
             self._plan_fork(item)
+            self._hand_over(item, out)
         return out
+
+    def _hand_over(self, item: ScheduledRequest, out: SchedulerOutput) -> None:
+        """Describe the item to the runner: everything when it is new to it, else what changed."""
+        r = item.request
+        table = self.kv.block_tables[r.request_id]
+        num_sent = self._num_blocks_sent.get(r.request_id)
+        if num_sent is None:
+            done = max(len(r.prompt_logprobs) - 1, 0) if r.wants_prompt_logprobs else 0
+            out.new_requests.append(NewRequestData(
+                r.request_id, list(r.all_token_ids), r.num_prompt_tokens, r.sampling_params, r.generator,
+                list(table), r.num_computed_tokens, done))
+        else:
+            out.cached_requests.append(CachedRequestData(r.request_id, table[num_sent:], r.num_computed_tokens))
+        self._num_blocks_sent[r.request_id] = len(table)
+        out.num_scheduled_tokens[r.request_id] = item.num_new_tokens
+        if item.fork_children:
+            out.forks[r.request_id] = [ForkedSample(c.request_id, c.sampling_params, c.generator)
+                                       for c in item.fork_children]
 
     def _plan_fork(self, item: ScheduledRequest) -> None:
         children = self.pending_children.get(item.request.request_id)
@@ -186,6 +252,7 @@ class Scheduler:
                     self._pending_copies.append(copy)
                 child.status = RequestStatus.RUNNING
                 self.running.append(child)
+                self._num_blocks_sent[child.request_id] = 0  # the runner forked it; its table comes next step
             for r in [request, *item.fork_children]:
                 if r.request_id in sampled:
                     r.output_token_ids.append(sampled[r.request_id])
@@ -200,4 +267,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
+        if self._num_blocks_sent.pop(request.request_id, None) is not None:
+            self._finished_ids.append(request.request_id)
         self._requeue_children(request)

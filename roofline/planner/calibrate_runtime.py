@@ -182,7 +182,7 @@ def measure_scheduling(device: str, repeats: int, budget_s: float) -> tuple[floa
     the Scheduler's plan, the input batch and attention metadata it becomes, and the counters' update,
     for SCHEDULE_ROWS decoding sequences (no model runs)."""
     from roofline.config import SchedulerConfig
-    from roofline.engine.input_batch import build_input_batch
+    from roofline.engine.input_batch import PersistentBatch
     from roofline.engine.kv_cache import KVCacheManager
     from roofline.engine.request import Request
     from roofline.engine.scheduler import Scheduler
@@ -193,13 +193,17 @@ def measure_scheduling(device: str, repeats: int, budget_s: float) -> tuple[floa
         kv = KVCacheManager(num_seqs * SCHEDULE_BLOCKS, BLOCK_SIZE, enable_prefix_caching=False)
         scheduler = Scheduler(SchedulerConfig(max_num_seqs=max(SCHEDULE_ROWS)), kv)
         params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+        batch = PersistentBatch(BLOCK_SIZE, SCHEDULE_BLOCKS, num_seqs, torch.device(device))
         for i in range(num_seqs):
             scheduler.add_request(Request(f"s{i}", [1 + i % 100] * BLOCK_SIZE, params, 10**6, []))
 
         def step() -> None:
             plan = scheduler.schedule()
-            build_input_batch(plan, kv, torch.device(device))
-            scheduler.update_from_output(plan, {item.request.request_id: 7 for item in plan.scheduled})
+            batch.update(plan)
+            batch.prepare(plan)
+            sampled = {item.request.request_id: 7 for item in plan.scheduled}
+            batch.advance(plan, sampled)
+            scheduler.update_from_output(plan, sampled)
 
         step()  # the prompts' prefill: every later step decodes num_seqs tokens
         times.append(best_time(step, lambda: None, repeats, budget_s))

@@ -274,7 +274,7 @@ def test_fresh_kv_cache_and_swap_space_hold_no_garbage(monkeypatch):
     config = ModelConfig("llama", vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=4, max_position_embeddings=64)
     runner = ModelRunner(torch.nn.Identity(), config, torch.device("cpu"), torch.float32)
-    runner.allocate_kv_cache(num_blocks=4, block_size=16, num_swap_blocks=3)
+    runner.allocate_kv_cache(num_blocks=4, block_size=16, num_swap_blocks=3, max_model_len=64, max_num_seqs=4)
     monkeypatch.undo()
     assert len(runner.kv_caches) == len(runner.swap_caches) == 2
     for k, v in runner.kv_caches + runner.swap_caches:

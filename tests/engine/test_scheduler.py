@@ -32,18 +32,41 @@ def reference(prompt: list[int], max_tokens: int, sample_index: int = 0) -> list
 
 
 class FakeRunner:
-    """Token ids in place of K/V tensors; block copies and swaps applied as the real runner orders them."""
+    """Token ids in place of K/V tensors; block copies and swaps applied as the real runner orders them.
+
+    Like the real runner it sees only the scheduler's hand-off (new requests, appended block ids, forks,
+    finished and preempted ids) and keeps its own block tables and token lists: a hand-off that leaves
+    anything out shows as corrupted context or a missing request.
+    """
 
     def __init__(self, kv: KVCacheManager, num_swap_blocks: int = 0) -> None:
         self.kv = kv
         self.cache: list[int | None] = [None] * (kv.num_blocks * kv.block_size)
         self.swap: list[int | None] = [None] * (num_swap_blocks * kv.block_size)
+        self.tables: dict[str, list[int]] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
 
     def _copy_block(self, src: list, s: int, dst: list, d: int) -> None:
         bs = self.kv.block_size
         dst[d * bs:(d + 1) * bs] = src[s * bs:(s + 1) * bs]
 
+    def _slot(self, rid: str, position: int) -> int:
+        bs = self.kv.block_size
+        return self.tables[rid][position // bs] * bs + position % bs
+
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        for rid in out.finished_ids + out.preempted_ids:
+            for held in (self.tables, self.tokens, self.computed):
+                held.pop(rid, None)
+        for new in out.new_requests:
+            self.tables[new.request_id] = list(new.block_ids)
+            self.tokens[new.request_id] = list(new.token_ids)
+            self.computed[new.request_id] = new.num_computed_tokens
+        for cached in out.cached_requests:
+            self.tables[cached.request_id].extend(cached.new_block_ids)
+            assert self.computed[cached.request_id] == cached.num_computed_tokens
+        assert set(out.num_scheduled_tokens) <= set(self.tables), "a scheduled request was never handed over"
         for s, d in out.block_copies:
             self._copy_block(self.cache, s, self.cache, d)
         for d, s in out.swap_out:
@@ -51,19 +74,24 @@ class FakeRunner:
         for s, d in out.swap_in:
             self._copy_block(self.swap, s, self.cache, d)
         # every new token is written before any context is read, as attention does in each layer
-        for item in out.scheduled:
-            r = item.request
-            for p in range(r.num_computed_tokens, r.num_computed_tokens + item.num_new_tokens):
-                self.cache[self.kv.slot(r.request_id, p)] = r.all_token_ids[p]
+        for rid, n in out.num_scheduled_tokens.items():
+            start = self.computed[rid]
+            for p in range(start, start + n):
+                self.cache[self._slot(rid, p)] = self.tokens[rid][p]
         sampled = {}
-        for item in out.scheduled:
-            r = item.request
-            end = r.num_computed_tokens + item.num_new_tokens
-            context = [self.cache[self.kv.slot(r.request_id, p)] for p in range(end)]
-            assert context == r.all_token_ids[:end], f"KV of {r.request_id} corrupted"
-            if item.completes_sequence:
-                for x in [r, *item.fork_children]:
-                    sampled[x.request_id] = next_token(context, x.sample_index)
+        for rid, n in out.num_scheduled_tokens.items():
+            end = self.computed[rid] + n
+            context = [self.cache[self._slot(rid, p)] for p in range(end)]
+            assert context == self.tokens[rid][:end], f"KV of {rid} corrupted"
+            self.computed[rid] = end
+            if end == len(self.tokens[rid]):
+                sampled[rid] = next_token(context, int(rid.rpartition("#")[2] or 0) if "#" in rid else 0)
+                for fork in out.forks.get(rid, []):
+                    sampled[fork.request_id] = next_token(context, int(fork.request_id.rpartition("#")[2]))
+                    self.tables[fork.request_id] = []
+                    self.tokens[fork.request_id] = context + [sampled[fork.request_id]]
+                    self.computed[fork.request_id] = end
+                self.tokens[rid].append(sampled[rid])
         return sampled
 
 

@@ -32,6 +32,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto",
                    help="low-bit matmul kernels: auto (measured on this machine, cached), default (built-in rule), "
                         "or a kernel name from `roofline kernels`")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step for each batch bucket at start-up (about a minute per bucket "
+                        "on 2 cores; faster steps afterwards)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never compile (the default unless --compile; wins over --compile)")
     p.add_argument("--kernel-accuracy", default="bf16", choices=["exact", "bf16", "int8"],
                    help="loosest activation rounding a kernel may use (the output head is always exact unless int8)")
 
@@ -66,7 +71,7 @@ def _make_llm(args: argparse.Namespace):
                seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
                quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
-               show_progress=sys.stderr.isatty())
+               compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty())
 
 
 def _sampling(args: argparse.Namespace, **extra):

@@ -62,6 +62,7 @@ class DeviceConfig:
     device: str = "auto"  # "auto" picks CUDA when present, else CPU; or "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU (bf16 matmul is slow on most CPUs)
     num_threads: int | None = None  # CPU threads; None: $ROOFLINE_NUM_THREADS, else $OMP_NUM_THREADS, else all cores
+    compile: bool = False  # torch.compile decode steps (padded to batch buckets, each compiled at start-up)
 
     def __post_init__(self) -> None:
         if self.dtype not in SUPPORTED_DTYPES:

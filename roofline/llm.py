@@ -24,10 +24,11 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 512, preemption_mode: str = "auto",
                  swap_space: int = 2 << 30, show_progress: bool = False, quantization: str = "auto",
                  quantization_group_size: int = 32, kv_cache_dtype: str = "auto", kernels: str = "auto",
-                 kernel_accuracy: str = "bf16") -> None:
+                 kernel_accuracy: str = "bf16", compile: bool = False, enforce_eager: bool = False) -> None:
         config = EngineConfig(
             model=model,
-            device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads),
+            device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads,
+                                compile=compile and not enforce_eager),
             cache=CacheConfig(block_size=block_size, memory_bytes=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching, swap_space_bytes=swap_space),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -162,7 +162,7 @@ def roofline_full_logits(model, token_ids: list[int], block_size: int = 16) -> t
     shape = (math.ceil(T / block_size), block_size, cfg.num_kv_heads, cfg.head_dim)
     kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
     # positional: slot mapping, no decode tokens (no decode table, no mask), one prefill with nothing cached
-    meta = AttentionMetadata(torch.arange(T), 0, None, None, [PrefillChunk(0, T, T, None, None)])
+    meta = AttentionMetadata(torch.arange(T), 0, None, None, prefills=[PrefillChunk(0, T, T, None, None)])
     hidden = model(torch.tensor(token_ids), torch.arange(T), kv_caches, meta)  # [T, hidden]
     return model.compute_logits(hidden)
 

@@ -62,9 +62,11 @@ class InputBatch:
 class PersistentBatch:
     """The runner's requests and the buffers their inputs are written into, updated in place each step."""
 
-    def __init__(self, block_size: int, max_blocks_per_seq: int, max_num_seqs: int, device: torch.device) -> None:
+    def __init__(self, block_size: int, max_blocks_per_seq: int, max_num_seqs: int, device: torch.device,
+                 scratch_block: int | None = None) -> None:
         self.block_size = block_size
         self.device = device
+        self.scratch_block = scratch_block  # a KV block no request owns: padding rows of a static step write there
         self.states: dict[str, RequestState] = {}
         # [rows, max_blocks_per_seq] block ids, one row per request held; grown if forks outnumber the rows
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
@@ -117,8 +119,18 @@ class PersistentBatch:
             state.block_ids.extend(block_ids)
 
     # --- building a step ----------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> InputBatch:
-        """The flat batch of this step: decodes first (one token each, context already cached), then prefills."""
+    def is_decode_only(self, out: SchedulerOutput) -> bool:
+        """Every scheduled request decodes one token after a cached context."""
+        states = self.states
+        return all(n == 1 and states[rid].num_computed_tokens > 0 for rid, n in out.num_scheduled_tokens.items())
+
+    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> InputBatch:
+        """The flat batch of this step: decodes first (one token each, context already cached), then prefills.
+
+        pad_to (decode-only steps, with a scratch block): a batch of pad_to rows for a compiled step;
+        padding rows decode token 0 at position 0 into the scratch block, and their logits are not read.
+        The block table and mask stay as wide as the longest context (a dynamic size when compiled).
+        """
         bs = self.block_size
         scheduled = [(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items()]
         is_decode = [n == 1 and s.num_computed_tokens > 0 for s, n in scheduled]
@@ -153,18 +165,34 @@ class PersistentBatch:
                     logits_rows.append(LogitsRow(row0 + p - start, state.request_id, False, state.token_ids[p + 1]))
             if end == len(state.token_ids):
                 logits_rows.append(LogitsRow(row0 + n - 1, state.request_id, True, None))
-        decode_table = decode_mask = None
-        if num_decodes:
+        decode_table = decode_mask = decode_lens = None
+        if pad_to is not None:
+            if num_decodes != len(items) or pad_to < num_decodes or self.scratch_block is None:
+                raise ValueError(f"a static step pads {num_decodes} decodes of {len(items)} rows to {pad_to}")
+            pad = pad_to - num_decodes
+            ids.extend([0] * pad)
+            positions = np.concatenate([positions, np.zeros(pad, dtype=np.int64)])
+            slots = np.concatenate([slots, np.full(pad, self.scratch_block * bs, dtype=np.int64)])
+            lengths = np.concatenate([starts + 1, np.ones(pad, dtype=np.int64)])
+            # at least two blocks wide: a width of 1 would be specialized by torch.compile (a second graph)
+            table = np.full((pad_to, max(2, int(-(-lengths.max() // bs)))), self.scratch_block, dtype=np.int64)
+            table[:num_decodes] = self.block_table[rows, :table.shape[1]]
+            num_decodes = pad_to
+        elif num_decodes:
             lengths = starts[:num_decodes] + 1  # context of each decode, its new token included
-            max_blocks = int(-(-lengths.max() // bs))
-            decode_table = torch.from_numpy(self.block_table[rows[:num_decodes], :max_blocks]).to(self.device)
-            visible = torch.arange(max_blocks * bs)[None, :] < torch.from_numpy(lengths)[:, None]
+            table = self.block_table[rows[:num_decodes], :int(-(-lengths.max() // bs))]
+        if num_decodes:
+            decode_lens = torch.from_numpy(lengths)
+            decode_table = torch.from_numpy(table).to(self.device)
+            visible = torch.arange(table.shape[1] * bs)[None, :] < decode_lens[:, None]
             decode_mask = visible[:, None, None, :].to(self.device)  # [B, 1, 1, nb * bs]
+            decode_lens = decode_lens.to(self.device)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(self.device),
             num_decode_tokens=num_decodes,
             decode_block_table=decode_table,
             decode_mask=decode_mask,
+            decode_context_lens=decode_lens,
             prefills=prefills,
         )
         return InputBatch(
@@ -173,6 +201,17 @@ class PersistentBatch:
             attn=attn,
             logits_rows=logits_rows,
         )
+
+    def scratch_decode(self, rows: int) -> AttentionMetadata:
+        """Attention metadata of a decode step of `rows` padding rows only (compiling a bucket at start-up)."""
+        bs, scratch = self.block_size, self.scratch_block
+        lens = torch.ones(rows, dtype=torch.long)
+        mask = (torch.arange(2 * bs)[None, :] < lens[:, None])[:, None, None, :]
+        return AttentionMetadata(
+            slot_mapping=torch.full((rows,), scratch * bs, dtype=torch.long).to(self.device),
+            num_decode_tokens=rows,
+            decode_block_table=torch.full((rows, 2), scratch, dtype=torch.long).to(self.device),
+            decode_mask=mask.to(self.device), decode_context_lens=lens.to(self.device))
 
     def advance(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """After the step: count the computed tokens and append each sampled token to its request."""

@@ -79,6 +79,9 @@ class LLMEngine:
         num_swap = config.cache.swap_space_bytes // block_bytes if self.runner.device.type == "cuda" else \
             min(config.cache.swap_space_bytes // block_bytes, num_blocks)
         self.runner.allocate_kv_cache(num_blocks, bs, num_swap, self.max_model_len, config.scheduler.max_num_seqs)
+        if config.device.compile:
+            self.runner.enable_compile()
+            self.runner.warm_up_compiled()
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
         self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode)
         self.groups: dict[str, _Group] = {}

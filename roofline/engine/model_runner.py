@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from roofline import quant
 from roofline.config import EngineConfig, ModelConfig
@@ -81,6 +83,15 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)  # in position order
 
 
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """The padded decode batch sizes a compiled runner uses: powers of two up to max_num_seqs (and it)."""
+    sizes = [b for b in DECODE_BUCKETS if b < max_num_seqs]
+    return (*sizes, min(max_num_seqs, DECODE_BUCKETS[-1]))
+
+
 class ModelRunner:
     """Runs the model over flat batches with a paged KV cache."""
 
@@ -97,6 +108,8 @@ class ModelRunner:
         self.block_size = 0
         self.batch: PersistentBatch | None = None  # the runner's own request state, made with the KV cache
         self.kernel_report: KernelReport | None = None  # what the kernel probe measured and chose at load
+        self.compiled_forward = None  # torch.compile'd model forward for static decode steps (enable_compile)
+        self.decode_buckets: tuple[int, ...] = ()  # batch sizes decode steps are padded to when compiled
 
     @classmethod
     def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
@@ -145,7 +158,8 @@ class ModelRunner:
         """Preallocate per-layer K/V block tensors on the device, swap space in CPU memory, and the batch state."""
         c = self.model_config
         slot = quant.kv_slot_size(c.head_dim, self.kv_dtype)
-        shape = (num_blocks, block_size, c.num_kv_heads, slot)
+        # one block more than the scheduler hands out: the scratch block padding rows of static steps write to
+        shape = (num_blocks + 1, block_size, c.num_kv_heads, slot)
         # zeros, not empty: attention reads whole blocks and masks the unwritten tail of the last one (and
         # padding blocks), but a masked NaN still poisons softmax(QK^T)V, and uninitialised memory (reused
         # heap or allocator cache) does hold NaN bit patterns. Swap space too: swap-in copies whole blocks.
@@ -157,7 +171,45 @@ class ModelRunner:
                              _zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin))
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
-        self.batch = PersistentBatch(block_size, -(-max_model_len // block_size), max_num_seqs, self.device)
+        self.batch = PersistentBatch(block_size, -(-max_model_len // block_size), max_num_seqs, self.device,
+                                     scratch_block=num_blocks)
+        self.decode_buckets = decode_buckets(max_num_seqs)
+
+    def enable_compile(self) -> None:
+        """Compile the model's forward (inductor) for decode-only steps padded to `decode_buckets`.
+
+        One graph per bucket (warm_up_compiled() makes them all at start-up), the context length a
+        dynamic size inside it; prefill and mixed steps stay eager. Weights never change after load, so
+        the module guards are dropped: only the inputs' shapes select a graph.
+        """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(DECODE_BUCKETS))
+        self.compiled_forward = torch.compile(
+            self.model.forward, dynamic=False,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    @torch.inference_mode()
+    def warm_up_compiled(self) -> list[tuple[int, float]]:
+        """Compile every decode bucket now (padding rows only, in the scratch block); (bucket, seconds) each."""
+        timings = []
+        for bucket in self.decode_buckets:
+            start = time.perf_counter()
+            attn = self.batch.scratch_decode(bucket)
+            zeros = torch.zeros(bucket, dtype=torch.long, device=self.device)
+            try:
+                self._run_compiled(zeros, zeros, attn)
+            except Exception as exc:  # inductor needs a working C++ compiler; say so in one line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise ConfigError(f"compiling the decode step failed ({type(exc).__name__}: {first}); "
+                                  f"run without --compile") from None
+            timings.append((bucket, time.perf_counter() - start))
+            logger.info("compiled the decode step for batch %d in %.1f s", bucket, timings[-1][1])
+        return timings
+
+    def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        # one graph for every context length: the block table's width is a symbolic size
+        torch._dynamo.maybe_mark_dynamic(attn.decode_block_table, 1)
+        torch._dynamo.maybe_mark_dynamic(attn.decode_mask, 3)
+        return self.compiled_forward(input_ids, positions, self.kv_caches, attn)
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         for src, dst in out.block_copies:
@@ -184,8 +236,12 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if out.is_empty:
             return result
-        batch = batch_state.prepare(out)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        pad_to = self._bucket(out)
+        batch = batch_state.prepare(out, pad_to)
+        if pad_to is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        else:
+            hidden = self._run_compiled(batch.input_ids, batch.positions, batch.attn)
         if not batch.logits_rows:
             batch_state.advance(out, {})
             return result
@@ -219,6 +275,13 @@ class ModelRunner:
             child = batch_state.fork(parent, rid, f.sampling_params, f.generator)
             child.token_ids.append(result.sampled[rid].token_id)
         return result
+
+    def _bucket(self, out: SchedulerOutput) -> int | None:
+        """The padded batch size of a compiled decode step, or None to run this step eagerly."""
+        if self.compiled_forward is None or not self.batch.is_decode_only(out):
+            return None
+        n = len(out.num_scheduled_tokens)
+        return next((b for b in self.decode_buckets if b >= n), None)
 
     @staticmethod
     def _sampling_row(state: RequestState, params: SamplingParams, generator: torch.Generator | None) -> SamplingRow:

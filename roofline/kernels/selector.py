@@ -11,7 +11,6 @@ from memory as in a real step, not from cache), and the fastest is installed as 
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,11 @@ class KernelTable:
     names: list[str]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        i = max(bisect.bisect_right(self.buckets, x.shape[0]) - 1, 0)
+        # the last bucket <= rows (else the first); a plain loop, which torch.compile traces (bisect it cannot)
+        rows, i = x.shape[0], 0
+        for j, bucket in enumerate(self.buckets):
+            if bucket <= rows:
+                i = j
         return self.kernels[i](x)
 
 

@@ -5,6 +5,11 @@ token's key and value are written at its slot (block * block_size + offset), the
 attends to its whole context, gathered block by block through its block table (whole-block copies
 run ~6x faster on CPU than per-token indexing); a mask hides the unused tail of the last block.
 Decode tokens (one query each) are attended in one padded batch; each prefill chunk on its own.
+
+The decode part (write the new K/V, gather, attend) is also the custom op `roofline::paged_decode_attention`,
+opaque to torch.compile and declared to mutate the caches in place: a compiled decode step calls it
+once per layer with static shapes (block table and mask at their full width; the op slices them to
+the longest context), and eager steps run the same function directly.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode_tokens: int  # decode tokens come first in the flat batch, one per sequence
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] (padding repeats block 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool; None: all valid
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, >= max_blocks * block_size] bool
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] context of each decode, its token included
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -54,21 +60,24 @@ class PagedAttention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D]; k, v [T, KVH, D] -> [T, H * D]
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, KVH, D] (int8: D + 4, see quant/kv.py)
+        num_decode = meta.num_decode_tokens
+        if torch.compiler.is_compiling():  # a compiled step is decode-only, its table as wide as it needs
+            return attend_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.decode_block_table,
+                                 meta.decode_mask, self.scale).reshape(q.shape[0], self.num_heads * self.head_dim)
+        out = torch.empty_like(q)
+        if num_decode:
+            out[:num_decode] = paged_decode_attention(
+                q[:num_decode], k[:num_decode], v[:num_decode], k_cache, v_cache,
+                meta.slot_mapping[:num_decode], meta.decode_block_table, meta.decode_mask,
+                meta.decode_context_lens, self.scale)
+        if num_decode == q.shape[0]:
+            return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         k_flat = k_cache.view(-1, self.num_kv_heads, k_cache.shape[-1])  # [slots, KVH, D]
         v_flat = v_cache.view(-1, self.num_kv_heads, v_cache.shape[-1])
+        new = slice(num_decode, q.shape[0])
         is_int8 = k_cache.dtype == torch.int8
-        k_flat.index_copy_(0, meta.slot_mapping, pack_kv(k) if is_int8 else k.to(k_flat.dtype))
-        v_flat.index_copy_(0, meta.slot_mapping, pack_kv(v) if is_int8 else v.to(v_flat.dtype))
-
-        out = torch.empty_like(q)
-        num_decode = meta.num_decode_tokens
-        if num_decode:
-            keys = self._gather(k_cache, meta.decode_block_table, q.dtype)  # [B, KVH, C, D]
-            values = self._gather(v_cache, meta.decode_block_table, q.dtype)
-            queries = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
-            attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask,
-                                                  scale=self.scale, enable_gqa=True)
-            out[:num_decode] = attn.squeeze(2)
+        k_flat.index_copy_(0, meta.slot_mapping[new], pack_kv(k[new]) if is_int8 else k[new].to(k_flat.dtype))
+        v_flat.index_copy_(0, meta.slot_mapping[new], pack_kv(v[new]) if is_int8 else v[new].to(v_flat.dtype))
         for chunk in meta.prefills:
             rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             queries = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
@@ -78,17 +87,60 @@ class PagedAttention(nn.Module):
                 attn = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
                                                       scale=self.scale, enable_gqa=True)
             else:
-                keys = self._gather(k_cache, chunk.block_table[None], q.dtype)  # [1, KVH, C, D]
-                values = self._gather(v_cache, chunk.block_table[None], q.dtype)
+                keys = gather_blocks(k_cache, chunk.block_table[None], self.head_dim, q.dtype)  # [1, KVH, C, D]
+                values = gather_blocks(v_cache, chunk.block_table[None], self.head_dim, q.dtype)
                 attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=chunk.causal_mask,
                                                       scale=self.scale, enable_gqa=True)
             out[rows] = attn.squeeze(0).transpose(0, 1)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _gather(self, cache: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # cache [N, bs, KVH, D], block_table [B, nb] -> [B, KVH, nb * bs, D]
-        B, nb = block_table.shape
-        blocks = cache.index_select(0, block_table.flatten())  # [B * nb, bs, KVH, D]
-        if cache.dtype == torch.int8:
-            blocks = unpack_kv(blocks, dtype)
-        return blocks.view(B, nb * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2).to(dtype)
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """cache [N, bs, KVH, D'], block_table [B, nb] -> [B, KVH, nb * bs, D] in `dtype` (int8 slots unpacked)."""
+    B, nb = block_table.shape
+    blocks = cache.index_select(0, block_table.flatten())  # [B * nb, bs, KVH, D']
+    if cache.dtype == torch.int8:
+        blocks = unpack_kv(blocks, dtype)
+    return blocks.view(B, nb * cache.shape[1], cache.shape[2], head_dim).transpose(1, 2).to(dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                           mask: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence: write its K/V at its slot, attend to its context. q [B, H, D] -> [B, H, D].
+
+    block_table [B, >= nb] and mask [B, 1, 1, >= nb * bs] may be wider than the longest context (a
+    compiled step passes them at full width): they are cut to the nb blocks that context needs.
+    """
+    block_size = k_cache.shape[1]
+    num_blocks = -(-int(context_lens.max()) // block_size)
+    if block_table.shape[1] != num_blocks:
+        block_table, mask = block_table[:, :num_blocks], mask[..., :num_blocks * block_size]
+    return attend_decode(q, k, v, k_cache, v_cache, slot_mapping, block_table, mask, scale)
+
+
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_table: torch.Tensor, mask: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """paged_decode_attention with block_table [B, nb] and mask [B, 1, 1, nb * bs] exactly as wide as
+    the longest context: no host sync, so torch.compile traces it (nb as a dynamic size)."""
+    kv_heads, slot_size, head_dim = k_cache.shape[2], k_cache.shape[3], q.shape[-1]
+    is_int8 = k_cache.dtype == torch.int8
+    k_cache.view(-1, kv_heads, slot_size).index_copy_(0, slot_mapping, pack_kv(k) if is_int8 else k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, slot_size).index_copy_(0, slot_mapping, pack_kv(v) if is_int8 else v.to(v_cache.dtype))
+    keys = gather_blocks(k_cache, block_table, head_dim, q.dtype)  # [B, KVH, C, D]
+    values = gather_blocks(v_cache, block_table, head_dim, q.dtype)
+    attn = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
+    return attn.squeeze(2)
+
+
+# The same function as an op torch.compile does not trace into (eager steps call the function itself:
+# the op's dispatch costs ~10 us a call).
+_paged_decode_op = torch.library.custom_op("roofline::paged_decode_attention", paged_decode_attention,
+                                           mutates_args=("k_cache", "v_cache"))
+
+
+@_paged_decode_op.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_table, mask, context_lens, scale):
+    return torch.empty_like(q)

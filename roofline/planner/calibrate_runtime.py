@@ -142,7 +142,8 @@ def measure_attention(device: str, dtype: torch.dtype, sync, repeats: int,
             # The last token of each sequence is the new one; the padded tail of its last block is masked.
             slots = tables[:, -1] * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
             mask = (torch.arange(span, device=device)[None, :] < context).expand(num_seqs, span)[:, None, None, :]
-            meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), [])
+            lens = torch.full((num_seqs,), context, device=device)
+            meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), lens, [])
             decode_times.append(best_time(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
                                       repeats, budget_s) / PROBE_LAYERS)
             decode_units.append(num_seqs * context * 2 * kv_heads * PROBE_HEAD_DIM * q.element_size())
@@ -151,7 +152,7 @@ def measure_attention(device: str, dtype: torch.dtype, sync, repeats: int,
             caches, tables, q, k, v = _attention_inputs(1, length, length, heads, kv_heads, dtype, device)
             slots = (tables[0, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device=device)).flatten()[:length]
             meta = AttentionMetadata(slots, 0, None, None,
-                                     [PrefillChunk(0, length, length, None, None)])
+                                     prefills=[PrefillChunk(0, length, length, None, None)])
             prefill_times.append(best_time(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
                                        repeats, budget_s) / PROBE_LAYERS)
             prefill_units.append(length * (length + 1) / 2 * heads * PROBE_HEAD_DIM)

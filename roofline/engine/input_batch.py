@@ -165,7 +165,7 @@ class PersistentBatch:
                     logits_rows.append(LogitsRow(row0 + p - start, state.request_id, False, state.token_ids[p + 1]))
             if end == len(state.token_ids):
                 logits_rows.append(LogitsRow(row0 + n - 1, state.request_id, True, None))
-        decode_table = decode_mask = decode_lens = None
+        decode_table = decode_mask = None
         if pad_to is not None:
             if num_decodes != len(items) or pad_to < num_decodes or self.scratch_block is None:
                 raise ValueError(f"a static step pads {num_decodes} decodes of {len(items)} rows to {pad_to}")
@@ -182,17 +182,14 @@ class PersistentBatch:
             lengths = starts[:num_decodes] + 1  # context of each decode, its new token included
             table = self.block_table[rows[:num_decodes], :int(-(-lengths.max() // bs))]
         if num_decodes:
-            decode_lens = torch.from_numpy(lengths)
             decode_table = torch.from_numpy(table).to(self.device)
-            visible = torch.arange(table.shape[1] * bs)[None, :] < decode_lens[:, None]
+            visible = torch.arange(table.shape[1] * bs)[None, :] < torch.from_numpy(lengths)[:, None]
             decode_mask = visible[:, None, None, :].to(self.device)  # [B, 1, 1, nb * bs]
-            decode_lens = decode_lens.to(self.device)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(self.device),
             num_decode_tokens=num_decodes,
             decode_block_table=decode_table,
             decode_mask=decode_mask,
-            decode_context_lens=decode_lens,
             prefills=prefills,
         )
         return InputBatch(
@@ -211,7 +208,7 @@ class PersistentBatch:
             slot_mapping=torch.full((rows,), scratch * bs, dtype=torch.long).to(self.device),
             num_decode_tokens=rows,
             decode_block_table=torch.full((rows, 2), scratch, dtype=torch.long).to(self.device),
-            decode_mask=mask.to(self.device), decode_context_lens=lens.to(self.device))
+            decode_mask=mask.to(self.device))
 
     def advance(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """After the step: count the computed tokens and append each sampled token to its request."""

@@ -6,10 +6,10 @@ attends to its whole context, gathered block by block through its block table (w
 run ~6x faster on CPU than per-token indexing); a mask hides the unused tail of the last block.
 Decode tokens (one query each) are attended in one padded batch; each prefill chunk on its own.
 
-The decode part (write the new K/V, gather, attend) is also the custom op `roofline::paged_decode_attention`,
-opaque to torch.compile and declared to mutate the caches in place: a compiled decode step calls it
-once per layer with static shapes (block table and mask at their full width; the op slices them to
-the longest context), and eager steps run the same function directly.
+The decode part (write the new K/V, gather, attend: attend_decode) has no host sync and no
+data-dependent branch, so a compiled decode step traces it whole, the context width a dynamic size;
+inductor writes the cache in place. (A custom op opaque to the compiler was tried first: its Python
+dispatch cost ~115 us a call on a 2-core Xeon, more than the attention itself.)
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ class AttentionMetadata:
     num_decode_tokens: int  # decode tokens come first in the flat batch, one per sequence
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] (padding repeats block 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, >= max_blocks * block_size] bool
-    decode_context_lens: torch.Tensor | None = None  # [num_decodes] context of each decode, its token included
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -66,10 +65,9 @@ class PagedAttention(nn.Module):
                                  meta.decode_mask, self.scale).reshape(q.shape[0], self.num_heads * self.head_dim)
         out = torch.empty_like(q)
         if num_decode:
-            out[:num_decode] = paged_decode_attention(
-                q[:num_decode], k[:num_decode], v[:num_decode], k_cache, v_cache,
-                meta.slot_mapping[:num_decode], meta.decode_block_table, meta.decode_mask,
-                meta.decode_context_lens, self.scale)
+            out[:num_decode] = attend_decode(q[:num_decode], k[:num_decode], v[:num_decode], k_cache, v_cache,
+                                             meta.slot_mapping[:num_decode], meta.decode_block_table,
+                                             meta.decode_mask, self.scale)
         if num_decode == q.shape[0]:
             return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         k_flat = k_cache.view(-1, self.num_kv_heads, k_cache.shape[-1])  # [slots, KVH, D]
@@ -104,26 +102,13 @@ def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, head_dim: int,
     return blocks.view(B, nb * cache.shape[1], cache.shape[2], head_dim).transpose(1, 2).to(dtype)
 
 
-def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
-                           mask: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence: write its K/V at its slot, attend to its context. q [B, H, D] -> [B, H, D].
-
-    block_table [B, >= nb] and mask [B, 1, 1, >= nb * bs] may be wider than the longest context (a
-    compiled step passes them at full width): they are cut to the nb blocks that context needs.
-    """
-    block_size = k_cache.shape[1]
-    num_blocks = -(-int(context_lens.max()) // block_size)
-    if block_table.shape[1] != num_blocks:
-        block_table, mask = block_table[:, :num_blocks], mask[..., :num_blocks * block_size]
-    return attend_decode(q, k, v, k_cache, v_cache, slot_mapping, block_table, mask, scale)
-
-
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, block_table: torch.Tensor, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
-    """paged_decode_attention with block_table [B, nb] and mask [B, 1, 1, nb * bs] exactly as wide as
-    the longest context: no host sync, so torch.compile traces it (nb as a dynamic size)."""
+    """One query per sequence: write its K/V at its slot, attend to its context. q [B, H, D] -> [B, H, D].
+
+    block_table [B, nb], mask [B, 1, 1, nb * bs]: no host sync, so torch.compile traces it (nb a dynamic size).
+    """
     kv_heads, slot_size, head_dim = k_cache.shape[2], k_cache.shape[3], q.shape[-1]
     is_int8 = k_cache.dtype == torch.int8
     k_cache.view(-1, kv_heads, slot_size).index_copy_(0, slot_mapping, pack_kv(k) if is_int8 else k.to(k_cache.dtype))
@@ -133,14 +118,3 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     attn = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
                                           enable_gqa=True)
     return attn.squeeze(2)
-
-
-# The same function as an op torch.compile does not trace into (eager steps call the function itself:
-# the op's dispatch costs ~10 us a call).
-_paged_decode_op = torch.library.custom_op("roofline::paged_decode_attention", paged_decode_attention,
-                                           mutates_args=("k_cache", "v_cache"))
-
-
-@_paged_decode_op.register_fake
-def _(q, k, v, k_cache, v_cache, slot_mapping, block_table, mask, context_lens, scale):
-    return torch.empty_like(q)

@@ -142,8 +142,7 @@ def measure_attention(device: str, dtype: torch.dtype, sync, repeats: int,
             # The last token of each sequence is the new one; the padded tail of its last block is masked.
             slots = tables[:, -1] * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
             mask = (torch.arange(span, device=device)[None, :] < context).expand(num_seqs, span)[:, None, None, :]
-            lens = torch.full((num_seqs,), context, device=device)
-            meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), lens, [])
+            meta = AttentionMetadata(slots, num_seqs, tables, mask.contiguous(), [])
             decode_times.append(best_time(lambda: [attention(q, k, v, kv, meta) for kv in caches], sync,
                                       repeats, budget_s) / PROBE_LAYERS)
             decode_units.append(num_seqs * context * 2 * kv_heads * PROBE_HEAD_DIM * q.element_size())

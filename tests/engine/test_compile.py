@@ -82,3 +82,17 @@ def test_compiled_decode_gives_eager_tokens_and_logprobs_in_fp32(tiny_model_dirs
                     assert abs(lw[tid].logprob - lg[tid].logprob) <= 1e-5
     assert compiled.engine.kv.num_free_blocks == compiled.engine.kv.num_blocks
     assert LLM(path, compile=True, enforce_eager=True, **kwargs).engine.runner.compiled_forward is None
+
+
+def test_every_command_takes_compile_and_enforce_eager(monkeypatch):
+    import roofline.cli as cli
+    import roofline.llm
+
+    seen = {}
+    monkeypatch.setattr(roofline.llm, "LLM", lambda **kw: seen.update(kw))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--compile", "--enforce-eager"])
+    cli._make_llm(args)
+    assert seen["compile"] is True and seen["enforce_eager"] is True
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi"])
+    cli._make_llm(args)
+    assert seen["compile"] is False and seen["enforce_eager"] is False

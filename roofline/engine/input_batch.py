@@ -119,10 +119,14 @@ class PersistentBatch:
             state.block_ids.extend(block_ids)
 
     # --- building a step ----------------------------------------------------------------------------
+    @staticmethod
+    def _decodes(state: RequestState, num_tokens: int) -> bool:
+        """One token after a cached context: a decode, attended in the padded decode batch."""
+        return num_tokens == 1 and state.num_computed_tokens > 0
+
     def is_decode_only(self, out: SchedulerOutput) -> bool:
-        """Every scheduled request decodes one token after a cached context."""
-        states = self.states
-        return all(n == 1 and states[rid].num_computed_tokens > 0 for rid, n in out.num_scheduled_tokens.items())
+        """Every scheduled request decodes (an empty step too: it pads to rows of the scratch block only)."""
+        return all(self._decodes(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items())
 
     def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> InputBatch:
         """The flat batch of this step: decodes first (one token each, context already cached), then prefills.
@@ -133,7 +137,7 @@ class PersistentBatch:
         """
         bs = self.block_size
         scheduled = [(self.states[rid], n) for rid, n in out.num_scheduled_tokens.items()]
-        is_decode = [n == 1 and s.num_computed_tokens > 0 for s, n in scheduled]
+        is_decode = [self._decodes(s, n) for s, n in scheduled]
         items = [x for x, d in zip(scheduled, is_decode) if d] + [x for x, d in zip(scheduled, is_decode) if not d]
         num_decodes = sum(is_decode)
         counts = np.fromiter((n for _, n in items), dtype=np.int64, count=len(items))
@@ -198,17 +202,6 @@ class PersistentBatch:
             attn=attn,
             logits_rows=logits_rows,
         )
-
-    def scratch_decode(self, rows: int) -> AttentionMetadata:
-        """Attention metadata of a decode step of `rows` padding rows only (compiling a bucket at start-up)."""
-        bs, scratch = self.block_size, self.scratch_block
-        lens = torch.ones(rows, dtype=torch.long)
-        mask = (torch.arange(2 * bs)[None, :] < lens[:, None])[:, None, None, :]
-        return AttentionMetadata(
-            slot_mapping=torch.full((rows,), scratch * bs, dtype=torch.long).to(self.device),
-            num_decode_tokens=rows,
-            decode_block_table=torch.full((rows, 2), scratch, dtype=torch.long).to(self.device),
-            decode_mask=mask.to(self.device))
 
     def advance(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """After the step: count the computed tokens and append each sampled token to its request."""

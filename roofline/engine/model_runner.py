@@ -193,10 +193,9 @@ class ModelRunner:
         timings = []
         for bucket in self.decode_buckets:
             start = time.perf_counter()
-            attn = self.batch.scratch_decode(bucket)
-            zeros = torch.zeros(bucket, dtype=torch.long, device=self.device)
+            batch = self.batch.prepare(SchedulerOutput([]), pad_to=bucket)  # an empty step: padding rows only
             try:
-                self._run_compiled(zeros, zeros, attn)
+                self._run_compiled(batch.input_ids, batch.positions, batch.attn)
             except Exception as exc:  # inductor needs a working C++ compiler; say so in one line
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ConfigError(f"compiling the decode step failed ({type(exc).__name__}: {first}); "
@@ -255,7 +254,6 @@ class ModelRunner:
             tops = [batch_state.states[rid].sampling_params.prompt_logprobs for rid in owners]
             for rid, entry in zip(owners, prompt_logprobs(logits[prompt_idx], targets, tops)):
                 result.prompt_logprobs.setdefault(rid, []).append(entry)
-        sampled: list[SampledToken] = []
         row_logits, sampling_rows, owners = [], [], []
         for i in sample_idx:
             # a parent completing its prompt also samples the first token of each forked child

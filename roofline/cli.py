@@ -225,6 +225,14 @@ def _optional_commands():
     return registrars
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit 2."""
     parser = build_parser()
@@ -234,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    bad = next((name for name, value in vars(args).items() if isinstance(value, str) and not _is_utf8(value)), None)
+    if bad is not None:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer takes
+        print(f"roofline: error: --{bad.replace('_', '-')} is not valid UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.func(args)
     except RooflineError as exc:

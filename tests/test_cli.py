@@ -65,3 +65,11 @@ def test_forced_kernel_generates(capsys):
                "--kernels", "intmm-2digit", "--kv-cache-memory", "64MiB"])
     assert rc == 0
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
+
+
+def test_non_utf8_argument_is_one_line_error(capsys):
+    # what Python makes of argv bytes that are not UTF-8 (b"caf\xe9 \xff"): lone surrogates
+    prompt = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")
+    assert main(["generate", "--prompt", prompt, "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "roofline: error: --prompt is not valid UTF-8 text"

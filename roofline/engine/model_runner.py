@@ -17,7 +17,7 @@ from roofline.config import EngineConfig, ModelConfig
 from roofline.engine.input_batch import PersistentBatch, RequestState
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
-from roofline.errors import ConfigError
+from roofline.errors import ConfigError, ModelLoadError
 from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
 from roofline.sampling_params import SamplingParams
@@ -75,6 +75,34 @@ def select_model_kernels(model: torch.nn.Module, config: EngineConfig) -> Kernel
     return report
 
 
+def available_host_memory() -> int | None:
+    """Bytes the kernel reports as available (MemAvailable), else physical memory; None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_build_memory(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, before any allocation, a model whose parameters in `dtype` exceed the host's available memory.
+
+    The model is built in `dtype` and quantized layer by layer afterwards, so this is the load's peak.
+    """
+    need = cfg.num_params * torch.empty((), dtype=dtype).element_size()
+    have = available_host_memory() if device.type == "cpu" else None
+    if have is not None and need > have:
+        raise ModelLoadError(f"the model needs {need / 2**30:.1f} GiB to load ({cfg.num_params / 1e9:.2f}B parameters "
+                             f"in {str(dtype).removeprefix('torch.')}); this machine has {have / 2**30:.1f} GiB "
+                             f"available")
+
+
 @dataclass
 class ModelRunnerOutput:
     """What one step produced, per request id."""
@@ -117,8 +145,13 @@ class ModelRunner:
         device = resolve_device(config.device.device)
         dtype = resolve_dtype(config.device.dtype, device)
         model_config = source.model_config()
-        with torch.device(device):
-            model = model_class(model_config)(model_config).to(dtype)
+        check_build_memory(model_config, dtype, device)
+        try:
+            with torch.device(device):
+                model = model_class(model_config)(model_config).to(dtype)
+        except (RuntimeError, MemoryError) as exc:  # the allocator's refusal, as one line
+            raise ModelLoadError(f"could not allocate the model ({model_config.num_params / 1e9:.2f}B parameters "
+                                 f"in {str(dtype).removeprefix('torch.')}): {str(exc).splitlines()[0]}") from None
         # quantization is planned and applied before loading: low-bit layers are filled directly
         tensor_types = source.tensor_types() if hasattr(source, "tensor_types") else None
         try:

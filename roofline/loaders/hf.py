@@ -36,9 +36,12 @@ class HFDirectory:
             return {}
         try:
             with open(file, encoding="utf-8") as f:
-                return json.load(f)
+                data = json.load(f)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{file}: unreadable JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{file}: expected a JSON object, got a JSON {type(data).__name__}")
+        return data
 
     def model_config(self) -> ModelConfig:
         """The architecture hyper-parameters from config.json."""
@@ -49,9 +52,9 @@ class HFDirectory:
             raise ModelLoadError(f"{self.path}: architecture {archs or c.get('model_type')} is not supported; "
                                  f"supported: {', '.join(sorted(HF_ARCHITECTURES))}")
         try:
-            heads = int(c["num_attention_heads"])
-            hidden = int(c["hidden_size"])
-            head_dim = c.get("head_dim") or hidden // heads
+            heads = _int_field(c, "num_attention_heads")
+            hidden = _int_field(c, "hidden_size")
+            head_dim = _int_field(c, "head_dim") if c.get("head_dim") else hidden // max(heads, 1)
             gen = self._read_json("generation_config.json")
             eos = [e for src in (c.get("eos_token_id"), gen.get("eos_token_id")) if src is not None
                    for e in (src if isinstance(src, list) else [src])]
@@ -63,18 +66,18 @@ class HFDirectory:
                 scaling = rope
             if c.get("mlp_bias"):
                 raise ModelLoadError(f"{self.path}: mlp_bias=true is not supported")
-            max_positions = int(c.get("max_position_embeddings", 2048))
+            max_positions = _int_field(c, "max_position_embeddings") if "max_position_embeddings" in c else 2048
             window = _sliding_window(c, arch)
             if window is not None:  # no sliding-window attention: stay within the window, where it is exact
                 max_positions = min(max_positions, window)
             return ModelConfig(
                 architecture=arch,
-                vocab_size=int(c["vocab_size"]),
+                vocab_size=_int_field(c, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(c["intermediate_size"]),
-                num_layers=int(c["num_hidden_layers"]),
+                intermediate_size=_int_field(c, "intermediate_size"),
+                num_layers=_int_field(c, "num_hidden_layers"),
                 num_heads=heads,
-                num_kv_heads=int(c.get("num_key_value_heads") or heads),
+                num_kv_heads=_int_field(c, "num_key_value_heads") if c.get("num_key_value_heads") else heads,
                 head_dim=int(head_dim),
                 max_position_embeddings=max_positions,
                 rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
@@ -182,3 +185,12 @@ def _token_text(tok: str | dict | None) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
+
+
+def _int_field(c: dict, key: str) -> int:
+    """An integer hyper-parameter: ints, or floats with an integral value (1e3); bools and 1.5 are rejected."""
+    value = c[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    return int(value)

@@ -147,6 +147,27 @@ def test_config_json_that_is_not_json(tiny_model_dirs, tmp_path):
     expect_load_error(path, "config.json")
 
 
+def test_config_json_that_is_a_list(tiny_model_dirs, tmp_path):
+    path = _copy(tiny_model_dirs, LLAMA3, tmp_path)
+    (tmp_path / LLAMA3 / "config.json").write_text("[1, 2]")
+    expect_load_error(path, "config.json", "JSON object", "list")
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", "64"), ("num_hidden_layers", 2.5), ("vocab_size", True),
+                                         ("num_attention_heads", [4]), ("intermediate_size", None)])
+def test_config_json_field_of_the_wrong_type(tiny_model_dirs, tmp_path, field, value):
+    path = _copy(tiny_model_dirs, LLAMA3, tmp_path)
+    _edit_config(path, **{field: value})
+    expect_load_error(path, "config.json", field)
+
+
+def test_config_json_too_large_for_memory_is_refused_before_allocating(tiny_model_dirs, tmp_path):
+    # 1e12 x 1e6 parameters: the one-line error says what loading would need, nothing is allocated
+    path = _copy(tiny_model_dirs, LLAMA3, tmp_path)
+    _edit_config(path, vocab_size=1e12, hidden_size=1e6, intermediate_size=4e6, head_dim=None)
+    expect_load_error(path, "needs", "GiB", "available")
+
+
 def test_config_json_missing_a_field(tiny_model_dirs, tmp_path):
     path = _copy(tiny_model_dirs, LLAMA3, tmp_path)
     _edit_config(path, drop=("hidden_size",))

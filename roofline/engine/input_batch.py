@@ -63,9 +63,12 @@ class PersistentBatch:
     """The runner's requests and the buffers their inputs are written into, updated in place each step."""
 
     def __init__(self, block_size: int, max_blocks_per_seq: int, max_num_seqs: int, device: torch.device,
-                 scratch_block: int | None = None) -> None:
+                 scratch_block: int | None = None, mask_dtype: torch.dtype | None = None) -> None:
         self.block_size = block_size
         self.device = device
+        # decode masks as additive 0 / -inf in this dtype (the queries'): SDPA would otherwise turn a bool
+        # mask into that float mask in every layer (two ops per layer per step); None keeps them bool
+        self.mask_dtype = mask_dtype
         self.scratch_block = scratch_block  # a KV block no request owns: padding rows of a static step write there
         self.states: dict[str, RequestState] = {}
         # [rows, max_blocks_per_seq] block ids, one row per request held; grown if forks outnumber the rows
@@ -188,6 +191,8 @@ class PersistentBatch:
         if num_decodes:
             decode_table = torch.from_numpy(table).to(self.device)
             visible = torch.arange(table.shape[1] * bs)[None, :] < torch.from_numpy(lengths)[:, None]
+            if self.mask_dtype is not None:
+                visible = torch.zeros(visible.shape, dtype=self.mask_dtype).masked_fill_(~visible, float("-inf"))
             decode_mask = visible[:, None, None, :].to(self.device)  # [B, 1, 1, nb * bs]
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(self.device),

@@ -205,7 +205,7 @@ class ModelRunner:
                             for _ in range(c.num_layers)] if num_swap_blocks else []
         self.block_size = block_size
         self.batch = PersistentBatch(block_size, -(-max_model_len // block_size), max_num_seqs, self.device,
-                                     scratch_block=num_blocks)
+                                     scratch_block=num_blocks, mask_dtype=self.dtype)
         self.decode_buckets = decode_buckets(max_num_seqs)
 
     def enable_compile(self) -> None:

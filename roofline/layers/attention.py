@@ -41,7 +41,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode_tokens: int  # decode tokens come first in the flat batch, one per sequence
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] (padding repeats block 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, >= max_blocks * block_size] bool
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, >= max_blocks * block_size] bool, or 0/-inf
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 

@@ -293,3 +293,34 @@ def test_cli_batch_as_a_process(tmp_path):
     [record] = read_records(output_path)
     assert record["custom_id"] == "a" and record["response"]["body"]["choices"][0]["text"]
     assert proc.stderr.strip().splitlines()[-1].startswith("roofline batch: 1 done")
+
+
+def test_n_samples_that_never_fit_the_cache_together_finish(tiny_model_dirs, tmp_path):
+    # issue 17 F1 in batch: 4 KV blocks hold one sample of 12 + 52 tokens, never all four together;
+    # the job used to stall for ever with every block held by waiting samples
+    model = tiny_model_dirs["llama-5heads-mqa-tied"]
+    with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    kv_bytes_per_token = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * 16 * 4  # head_dim 16, fp32
+    small = LLM(model, kv_cache_memory=4 * 16 * kv_bytes_per_token, max_num_seqs=8)
+    assert small.engine.kv.num_blocks == 4
+    lines = [{"custom_id": "group", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny", "prompt": list(range(10, 22)), "max_tokens": 52, "n": 4, "ignore_eos": True,
+                       "temperature": 1.0, "seed": 3}},
+             {"custom_id": "small", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 3}},
+             {"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny", "prompt": list(range(10, 22)), "max_tokens": 53}}]
+    out_path = str(tmp_path / "out.jsonl")
+    with open(out_path, "a", encoding="utf-8") as out:
+        for part, counts in ((lines[:1], (1, 0)), (lines[1:], (1, 1))):  # the group alone: the case that stalled
+            summary = BatchJob(small.engine, out, "tiny", 16).run(read_lines(write_input(tmp_path / "in.jsonl", part)),
+                                                                 set(), set())
+            assert (summary.num_done, summary.num_errors) == counts
+    records = {r["custom_id"]: r for r in read_records(out_path)}
+    body = records["group"]["response"]["body"]
+    assert [ch["finish_reason"] for ch in body["choices"]] == ["length"] * 4
+    assert body["usage"]["completion_tokens"] == 4 * 52
+    assert small.engine.scheduler.num_preemptions > 0
+    assert "64" in records["too-long"]["error"]["message"]
+    assert_idle(small)

@@ -183,6 +183,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the outputs of every request that advanced."""
         plan: SchedulerOutput = self.scheduler.schedule()
+        if not plan.scheduled and self.scheduler.num_unfinished:
+            # the scheduler guarantees progress (see run_order); an empty plan with work waiting would hang
+            # every caller silently, so it fails loudly instead
+            raise RuntimeError(f"the scheduler planned nothing while {self.scheduler.num_unfinished} request(s) "
+                               f"wait (KV usage {self.kv.usage:.2f}): a scheduler bug")
         result = self.runner.execute(plan)
         sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
         self.scheduler.update_from_output(plan, sampled_ids)

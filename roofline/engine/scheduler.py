@@ -106,6 +106,16 @@ def recompute_always(request: Request) -> str:
     return "recompute"
 
 
+def run_order(request: Request) -> tuple:
+    """Who runs first: priority, then arrival, then sample index and id, a total order.
+
+    Total, so the first running request stays first until it finishes (unless a more urgent one
+    arrives): it is never the one preempted while another runs, and since any single sequence fits
+    the cache (the engine caps max_model_len by it), it advances every step. No schedule can stall.
+    """
+    return request.priority, request.arrival_time, request.sample_index, request.request_id
+
+
 class Scheduler:
     """Iteration-level scheduler over a waiting queue and a running set."""
 
@@ -165,7 +175,7 @@ class Scheduler:
         self._pending_copies, self._finished_ids = [], []
         budget = self.config.max_num_batched_tokens
         # 1. running requests, highest priority first; preempt from the back when blocks run out
-        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+        self.running.sort(key=run_order)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -180,15 +190,17 @@ class Scheduler:
                 budget -= num_new
                 i += 1
         # 2. waiting requests, unless something was just preempted (no room to spare)
-        self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        self.waiting.sort(key=run_order)
         while self.waiting and budget > 0 and not out.preempted_ids \
                 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.is_swapped:
-                copies = self.kv.swap_in(request)
-                if copies is None:
+                # swapped KV comes back only with room for the tokens to compute: a request that took
+                # blocks and then failed to allocate would hold them while waiting, and wedge the cache
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self.kv.can_swap_in(request, num_new):
                     break
-                out.swap_in.extend(copies)
+                out.swap_in.extend(self.kv.swap_in(request))
                 request.is_swapped = False
             cached = [] if request.num_computed_tokens else self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size

@@ -8,6 +8,10 @@ function of that context. Output must therefore match a plain reference loop, ho
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from roofline.config import SchedulerConfig
 from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.request import Request, RequestStatus
@@ -380,3 +384,62 @@ def test_prefix_hit_rate_stays_a_share_after_recompute():
     stats = sched.kv.stats
     assert 0 < stats.hit_tokens <= stats.queried_tokens  # resumed requests found their own blocks
     assert stats.queried_tokens <= sum(r.num_tokens for r in requests) * (1 + sched.num_preemptions)
+
+
+def run_watched(sched: Scheduler, runner: FakeRunner, requests: list[Request]) -> int:
+    """Run to the end under a watchdog: every step advances some request, waiting requests hold no device
+    blocks, and the run ends within the serial bound (the first running request advances every step)."""
+    bound = sum(r.num_prompt_tokens + r.max_tokens for r in requests)
+    steps = 0
+    while sched.num_unfinished:
+        out = step(sched, runner)
+        steps += 1
+        assert out.num_batched_tokens > 0, f"step {steps}: work waits but nothing was scheduled"
+        for r in sched.waiting:
+            assert r.request_id not in sched.kv.block_tables, f"waiting {r.request_id} holds device blocks"
+        assert steps <= bound, "the scheduler made no progress"
+    return steps
+
+
+@pytest.mark.parametrize("policy", ["swap", "recompute"])
+def test_a_group_of_samples_larger_than_the_cache_never_wedges(policy):
+    # issue 17 F1, scaled down: each sample (19 + 40 tokens = 15 blocks) fits the 16-block cache alone,
+    # the four together never do. Before: swapped-in samples held blocks while waiting, and all stopped.
+    sched, runner = make_scheduler(num_blocks=16, num_swap_blocks=16, policy=lambda r: policy)
+    parent, children = _parent_with_children(4, 19, 40)
+    sched.add_request(parent)
+    sched.add_children(parent, children)
+    run_watched(sched, runner, [parent, *children])
+    assert sched.num_preemptions > 0
+    assert [x.output_token_ids for x in [parent, *children]] == [reference(parent.prompt_token_ids, 40, i)
+                                                                  for i in range(4)]
+    assert_idle(sched)
+
+
+def test_no_schedule_stalls_over_random_workloads():
+    # seeded random workloads at the edge of the cache: groups, stragglers, priorities, both policies
+    rng = random.Random(17)
+    for trial in range(120):
+        num_blocks = rng.randint(6, 24)
+        policy = rng.choice(["swap", "recompute"])
+        sched, runner = make_scheduler(num_blocks=num_blocks, num_swap_blocks=rng.choice([1, num_blocks]),
+                                       policy=lambda r, p=policy: p, max_num_seqs=rng.randint(1, 6),
+                                       max_num_batched_tokens=rng.choice([4, 16, 64]))
+        requests = []
+        for g in range(rng.randint(1, 3)):
+            total = rng.randint(4, num_blocks * BS)  # any single sequence fits the cache, as the engine ensures
+            prompt_len = rng.randint(1, total - 1)
+            n = rng.randint(1, 4)
+            prompt = prompt_of(prompt_len, trial * 10 + g)
+            group = [make_request(f"t{g}#{i}", prompt, total - prompt_len, priority=rng.randint(0, 1),
+                                  arrival=g, sample_index=i, parent_id=f"t{g}" if i else None) for i in range(n)]
+            for c in group[1:]:
+                c.priority = group[0].priority
+            sched.add_request(group[0])
+            if n > 1:
+                sched.add_children(group[0], group[1:])
+            requests += group
+        run_watched(sched, runner, requests)
+        for r in requests:
+            assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens, r.sample_index), trial
+        assert_idle(sched)

@@ -6,6 +6,7 @@ every client here sends one; tests that change server state (queue limit, draini
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -52,17 +53,16 @@ def _free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="session")
-def server():
-    """The default model served on 127.0.0.1:<free port>, for the whole session."""
-    from roofline import LLM
+@contextlib.contextmanager
+def serve(llm, max_queue: int = 256, **config):
+    """`llm` served on 127.0.0.1:<free port> by uvicorn in a thread, until the block ends."""
     from roofline.engine.async_engine import AsyncEngine
     from roofline.server import ServerConfig, create_app
     from roofline.server.commands import served_model_name
 
-    llm = LLM(model="default", kv_cache_memory=KV_CACHE_MEMORY)
-    engine = AsyncEngine(llm.engine, max_queue=256)
-    config = ServerConfig(model_name=served_model_name("default"), api_keys=API_KEYS, max_body_bytes=1 << 20)
+    engine = AsyncEngine(llm.engine, max_queue=max_queue)
+    config = ServerConfig(**{"model_name": served_model_name("default"), "api_keys": API_KEYS,
+                             "max_body_bytes": 1 << 20, **config})
     app = create_app(engine, config)
     sock = _free_socket()
     port = sock.getsockname()[1]
@@ -82,6 +82,15 @@ def server():
         sock.close()
 
 
+@pytest.fixture(scope="session")
+def server():
+    """The default model served on 127.0.0.1:<free port>, for the whole session."""
+    from roofline import LLM
+
+    with serve(LLM(model="default", kv_cache_memory=KV_CACHE_MEMORY)) as live:
+        yield live
+
+
 @pytest.fixture
 def http(server):
     """An httpx client for the live server, with the API key."""
@@ -99,3 +108,9 @@ def oai(server):
     yield client
     client.close()
     server.wait_idle()
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`serve` for test modules that need their own server (conftest is not imported by name)."""
+    return serve

@@ -103,8 +103,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens (prefill chunks + decodes) in one step
     max_model_len: int | None = None  # context limit; None: the model's own
     preemption_mode: str = "auto"  # "auto" (cost estimate), "recompute" or "swap"
+    # while sequences decode, prompt chunks are cut so a step takes about this long (from the measured cost
+    # of a prompt token): a long prompt or an echo request then delays running streams by this much per
+    # token, not by a full `max_num_batched_tokens` chunk. None: chunks use the whole budget
+    max_decode_stall_ms: float | None = 250.0
 
     def __post_init__(self) -> None:
+        if self.max_decode_stall_ms is not None and not self.max_decode_stall_ms > 0:
+            raise ConfigError(f"max_decode_stall_ms must be > 0 (or None), got {self.max_decode_stall_ms}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

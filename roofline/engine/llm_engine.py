@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -89,6 +90,7 @@ class LLMEngine:
         self._seed_counter = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self._seconds_per_token: float | None = None  # measured cost of a token in steps that prefill
         logger.info("model %s: %d parameters, %.1f MiB weights (%s on %s, %d threads)", config.model,
                     self.model_config.num_params, self.runner.weight_bytes / 2**20, self.runner.dtype,
                     self.runner.device, self.num_threads)
@@ -188,7 +190,9 @@ class LLMEngine:
             # every caller silently, so it fails loudly instead
             raise RuntimeError(f"the scheduler planned nothing while {self.scheduler.num_unfinished} request(s) "
                                f"wait (KV usage {self.kv.usage:.2f}): a scheduler bug")
+        started = time.perf_counter()
         result = self.runner.execute(plan)
+        self._size_prefill_chunks(plan, time.perf_counter() - started)
         sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
         self.scheduler.update_from_output(plan, sampled_ids)
         touched: dict[str, _Group] = {}
@@ -212,6 +216,18 @@ class LLMEngine:
                 for r in self.groups.pop(out.request_id).samples:
                     self._owner.pop(r.request_id, None)
         return outputs
+
+    def _size_prefill_chunks(self, plan: SchedulerOutput, seconds: float) -> None:
+        """Cut prompt chunks, while sequences decode, to what fits in max_decode_stall_ms at the measured cost."""
+        stall_ms = self.config.scheduler.max_decode_stall_ms
+        num_tokens = plan.num_batched_tokens
+        if stall_ms is None or num_tokens < 16:  # a decode-only step says little about the cost of a prompt token
+            return
+        per_token = seconds / num_tokens  # decodes included: errs towards shorter chunks
+        self._seconds_per_token = per_token if self._seconds_per_token is None else \
+            0.5 * (self._seconds_per_token + per_token)
+        budget = self.config.scheduler.max_num_batched_tokens
+        self.scheduler.prefill_chunk_limit = min(budget, max(16, int(stall_ms / 1e3 / self._seconds_per_token)))
 
     def _logprob_dict(self, s: SampledToken, token_id: int) -> dict[int, Logprob]:
         d = {tid: Logprob(lp, rank + 1, self.tokenizer.token_text(tid))

@@ -132,6 +132,9 @@ class Scheduler:
         self._finished_ids: list[str] = []  # finished since the last plan, for the runner to drop
         self.num_preemptions = 0
         self.num_swaps = 0
+        # prompt tokens per step while sequences decode (None: the whole budget); the engine sets it
+        # from measured step times
+        self.prefill_chunk_limit: int | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a new request."""
@@ -174,12 +177,31 @@ class Scheduler:
         out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies, finished_ids=self._finished_ids)
         self._pending_copies, self._finished_ids = [], []
         budget = self.config.max_num_batched_tokens
-        # 1. running requests, highest priority first; preempt from the back when blocks run out
+        # 1. running requests, highest priority first; preempt from the back when blocks run out.
+        # Decodes are never crowded out: a prompt chunk leaves a token for each decode behind it and,
+        # while any sequence decodes, all chunks together stay within prefill_chunk_limit tokens. A prompt
+        # that would take all the room takes half while requests wait, so a short one is not queued
+        # behind a long one for its whole prefill.
         self.running.sort(key=run_order)
+        decodes_behind = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        prefill_room = min(self.prefill_chunk_limit or budget, budget) if decodes_behind else budget
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_left = request.num_tokens - request.num_computed_tokens
+            if num_left == 1:
+                decodes_behind -= 1
+                num_new = 1
+            else:
+                room = min(budget - decodes_behind, prefill_room)
+                if self.waiting and len(self.running) < self.config.max_num_seqs:
+                    room //= 2  # a long prompt leaves half its room to the requests waiting behind it
+                num_new = min(num_left, room)
+                if i == 0:
+                    num_new = max(num_new, 1)  # the first request advances every step (see run_order)
+                if num_new <= 0:
+                    i += 1
+                    continue
             while not self.kv.allocate(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -188,10 +210,12 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
+                if num_left > 1:
+                    prefill_room -= num_new
                 i += 1
         # 2. waiting requests, unless something was just preempted (no room to spare)
         self.waiting.sort(key=run_order)
-        while self.waiting and budget > 0 and not out.preempted_ids \
+        while self.waiting and budget > 0 and prefill_room > 0 and not out.preempted_ids \
                 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.is_swapped:
@@ -204,7 +228,8 @@ class Scheduler:
                 request.is_swapped = False
             cached = [] if request.num_computed_tokens else self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size
-            num_new = min(request.num_tokens - request.num_computed_tokens - num_cached_tokens, budget)
+            num_left = request.num_tokens - request.num_computed_tokens - num_cached_tokens
+            num_new = min(num_left, budget) if num_left == 1 else min(num_left, budget, prefill_room)
             if not self.kv.allocate(request, num_new, cached):
                 break
             self.waiting.pop(0)
@@ -218,8 +243,11 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
+            if num_left > 1:
+                prefill_room -= num_new
+        num_forks = 0  # children forked this step: each takes a seat and (at most) one free block
         for item in out.scheduled:
-            self._plan_fork(item)
+            num_forks += self._plan_fork(item, num_forks)
             self._hand_over(item, out)
         return out
 
@@ -241,15 +269,17 @@ class Scheduler:
             out.forks[r.request_id] = [ForkedSample(c.request_id, c.sampling_params, c.generator)
                                        for c in item.fork_children]
 
-    def _plan_fork(self, item: ScheduledRequest) -> None:
+    def _plan_fork(self, item: ScheduledRequest, num_forks: int) -> int:
+        """Fork the item's children if seats and blocks allow (beyond `num_forks` already promised); how many."""
         children = self.pending_children.get(item.request.request_id)
         if not children or not item.completes_sequence:
-            return
+            return 0
         seats = self.config.max_num_seqs - len(self.running)
-        if len(children) <= min(seats, self.kv.num_free_blocks):
+        if len(children) <= min(seats, self.kv.num_free_blocks) - num_forks:
             item.fork_children = self.pending_children.pop(item.request.request_id)
-        else:  # no room to fork now: the samples run as ordinary requests (sharing the prefix cache)
-            self._requeue_children(item.request)
+            return len(children)
+        self._requeue_children(item.request)  # no room to fork now: ordinary requests (sharing the prefix cache)
+        return 0
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance counters after a step; `sampled` maps request id -> new token (forked children included)."""

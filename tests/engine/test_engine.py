@@ -289,3 +289,31 @@ def test_outputs_report_queue_time(llm: LLM):
     while engine.has_unfinished_requests():
         outs.extend(engine.step())
     assert outs and all(o.queue_time is not None and o.queue_time >= 0 for o in outs)
+
+
+def test_an_echo_request_never_stops_a_running_stream(llm: LLM, monkeypatch):
+    # issue 17 F2: prompt chunks are cut to the measured cost of max_decode_stall_ms while a stream decodes
+    engine = llm.engine
+    monkeypatch.setattr(engine.config.scheduler, "max_decode_stall_ms", 1.0)  # any prompt token costs more
+    monkeypatch.setattr(engine.scheduler, "prefill_chunk_limit", None)
+    plans = record_steps(llm, monkeypatch)
+    echo = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    expected = llm.generate(PROMPTS[5], echo)[0].prompt_logprobs
+    engine.add_request("stream", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    while not engine.step():
+        pass
+    engine.add_request("echo", PROMPTS[5], echo)
+    echo_out = None
+    while echo_out is None:
+        outputs = {o.request_id: o for o in engine.step()}
+        assert "stream" in outputs, "the stream went a step without a token"
+        echo_out = outputs.get("echo")
+    chunks = [p.num_scheduled_tokens["echo"] for p in plans if "echo" in p.num_scheduled_tokens]
+    assert len(chunks) > 201 // CHUNK + 1 and max(chunks[1:]) <= 16  # the first step measured the cost
+    assert len(echo_out.prompt_logprobs) == len(expected)
+    for got, ref in zip(echo_out.prompt_logprobs[1:], expected[1:]):
+        assert got.keys() == ref.keys()
+        for tid in got:
+            assert got[tid].logprob == pytest.approx(ref[tid].logprob, abs=1e-4)
+    engine.abort("stream")
+    assert_idle(llm)

@@ -443,3 +443,44 @@ def test_no_schedule_stalls_over_random_workloads():
         for r in requests:
             assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens, r.sample_index), trial
         assert_idle(sched)
+
+
+def test_a_long_prompt_never_stops_a_stream_and_a_short_prompt_is_not_queued_behind_it():
+    # issue 17 F2: the long prompt arrives first and would take every step's whole budget
+    sched, runner = make_scheduler(num_blocks=128, max_num_batched_tokens=32)
+    sched.prefill_chunk_limit = 8  # what the engine would derive from max_decode_stall_ms
+    long = make_request("long", prompt_of(300, 1), 4, arrival=0)
+    sched.add_request(long)
+    out = step(sched, runner)
+    assert out.num_scheduled_tokens == {"long": 32}  # alone: the whole budget
+    short = make_request("short", prompt_of(5, 2), 60, arrival=1)
+    sched.add_request(short)
+    out = step(sched, runner)
+    assert out.num_scheduled_tokens == {"long": 16, "short": 5}  # the long prompt left half to the newcomer
+    assert short.num_output_tokens == 1
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        before = short.num_output_tokens
+        out = step(sched, runner)
+        assert short.num_output_tokens == before + 1, "the stream stalled behind the long prompt"
+        assert out.num_scheduled_tokens["long"] <= 8  # while a sequence decodes, chunks stay short
+    run_all(sched, runner)
+    for r in (long, short):
+        assert r.output_token_ids == reference(r.prompt_token_ids, r.max_tokens)
+    assert_idle(sched)
+
+
+def test_prompt_chunks_leave_a_token_for_every_decode_behind_them():
+    sched, runner = make_scheduler(num_blocks=128, max_num_seqs=8, max_num_batched_tokens=6)
+    long = make_request("long", prompt_of(60, 1), 2, arrival=0)
+    decoders = [make_request(f"d{i}", prompt_of(1, 10 + i), 20, arrival=1 + i) for i in range(4)]
+    for r in [long, *decoders]:
+        sched.add_request(r)
+    while any(d.num_output_tokens == 0 for d in decoders):
+        step(sched, runner)
+    assert long.num_computed_tokens < 30  # the decoders started long before the prompt was done
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        out = step(sched, runner)
+        assert all(out.num_scheduled_tokens.get(d.request_id) == 1 for d in decoders if not d.status.is_finished)
+        assert out.num_scheduled_tokens["long"] >= 1  # the first request still advances every step
+    run_all(sched, runner)
+    assert_idle(sched)

@@ -112,6 +112,7 @@ class ModelRunnerOutput:
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+PROMPT_LOGPROB_SLICE = 64  # prompt positions whose logits are computed at once
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -274,23 +275,23 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
         else:
             hidden = self._run_compiled(batch.input_ids, batch.positions, batch.attn)
-        if not batch.logits_rows:
+        prompt_rows = [r for r in batch.logits_rows if not r.sample]
+        sample_rows = [r for r in batch.logits_rows if r.sample]
+        # prompt logprobs in slices: the [rows, vocab] logits of a long echo chunk are never held at once
+        for start in range(0, len(prompt_rows), PROMPT_LOGPROB_SLICE):
+            part = prompt_rows[start:start + PROMPT_LOGPROB_SLICE]
+            part_logits = self.model.compute_logits(hidden[torch.tensor([r.row for r in part], device=self.device)])
+            tops = [batch_state.states[r.request_id].sampling_params.prompt_logprobs for r in part]
+            for r, entry in zip(part, prompt_logprobs(part_logits, [r.prompt_target for r in part], tops)):
+                result.prompt_logprobs.setdefault(r.request_id, []).append(entry)
+        if not sample_rows:
             batch_state.advance(out, {})
             return result
-        rows = torch.tensor([r.row for r in batch.logits_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [N, vocab] fp32
-        sample_idx = [i for i, r in enumerate(batch.logits_rows) if r.sample]
-        prompt_idx = [i for i, r in enumerate(batch.logits_rows) if not r.sample]
-        if prompt_idx:
-            targets = [batch.logits_rows[i].prompt_target for i in prompt_idx]
-            owners = [batch.logits_rows[i].request_id for i in prompt_idx]
-            tops = [batch_state.states[rid].sampling_params.prompt_logprobs for rid in owners]
-            for rid, entry in zip(owners, prompt_logprobs(logits[prompt_idx], targets, tops)):
-                result.prompt_logprobs.setdefault(rid, []).append(entry)
+        logits = self.model.compute_logits(hidden[torch.tensor([r.row for r in sample_rows], device=self.device)])
         row_logits, sampling_rows, owners = [], [], []
-        for i in sample_idx:
+        for i, sample_row in enumerate(sample_rows):
             # a parent completing its prompt also samples the first token of each forked child
-            state = batch_state.states[batch.logits_rows[i].request_id]
+            state = batch_state.states[sample_row.request_id]
             rows_of = [(state.request_id, state.sampling_params, state.generator)]
             rows_of += [(f.request_id, f.sampling_params, f.generator) for f in out.forks.get(state.request_id, [])]
             for rid, params, generator in rows_of:

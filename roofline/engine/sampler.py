@@ -163,17 +163,22 @@ class Sampler:
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: list[int], num_top: list[int]) -> list[SampledToken]:
-    """Raw logprob and rank of each target token, with top-N alternatives; logits [N, V] fp32."""
-    lps = logits.log_softmax(dim=-1)
+    """Raw logprob and rank of each target token, with top-N alternatives; logits [N, V] fp32.
+
+    Works on the logits and their log-sum-exp: no [N, V] log-softmax is materialized.
+    """
+    lse = logits.logsumexp(dim=-1)  # [N]
     target = torch.tensor(targets, device=logits.device)
-    chosen = lps.gather(1, target[:, None]).squeeze(1)
-    ranks = ((lps > chosen[:, None]).sum(dim=-1) + 1).tolist()
-    chosen = chosen.tolist()
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)
+    ranks = ((logits > target_logit[:, None]).sum(dim=-1) + 1).tolist()
+    chosen = (target_logit - lse).tolist()
     k = max(num_top, default=0)
-    top_vals, top_ids = lps.topk(k) if k else (None, None)
+    if k:
+        top_logits, top_ids = logits.topk(k)
+        top_vals, top_ids = (top_logits - lse[:, None]).tolist(), top_ids.tolist()
     out = []
     for i, t in enumerate(targets):
-        ids = top_ids[i, : num_top[i]].tolist() if k else []
-        vals = top_vals[i, : num_top[i]].tolist() if k else []
+        ids = top_ids[i][: num_top[i]] if k else []
+        vals = top_vals[i][: num_top[i]] if k else []
         out.append(SampledToken(t, chosen[i], ranks[i], ids, vals, None))
     return out

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from roofline import __version__
 from roofline.engine.async_engine import AsyncEngine
@@ -21,13 +23,18 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError, install_error_handlers
 from roofline.server.generation import GenerationStream
 from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
-from roofline.server.middleware import GuardMiddleware
-from roofline.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from roofline.server.middleware import API_PREFIX, GuardMiddleware
+from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                      CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
 
 M = TypeVar("M", bound=BaseModel)
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only ever seen in metrics
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_SCHEMA_REF = "#/components/schemas/{model}"
+_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)  # parsed by parse_body, so FastAPI does not see them
+_HEALTH_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "draining", "engine stopped"]}}}}}
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
@@ -84,6 +91,38 @@ async def _respond(request: Request, stream: GenerationStream, is_streaming: boo
     return EventStreamResponse(events(), on_close=stream.aclose)
 
 
+def _documented(response: type[BaseModel], body: type[BaseModel] | None = None,
+                chunk: type[BaseModel] | None = None) -> dict:
+    """Route keywords that put in the OpenAPI schema what a handler does itself: its body, its answer, errors."""
+    answer: dict = {"model": response}
+    if chunk is not None:
+        answer["content"] = {"text/event-stream": {"schema": {
+            "type": "string", "description": f"with stream: true, events `data: <{chunk.__name__}>`, then "
+                                            f"`data: [DONE]`"}}}
+    # "default" also keeps FastAPI from documenting a 422 that our own error shape never produces
+    keywords: dict = {"responses": {200: answer, "default": {"model": ErrorResponse,
+                                                             "description": "any error: OpenAI's error JSON"}}}
+    if body is not None:
+        keywords["openapi_extra"] = {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": _SCHEMA_REF.format(model=body.__name__)}}}}}
+    return keywords
+
+
+def openapi_schema(app: FastAPI, config: ServerConfig) -> dict:
+    """FastAPI's schema of the routes, plus the request models and, when API keys are set, Bearer auth on /v1."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS], ref_template=_SCHEMA_REF)
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {}).update(defs["$defs"])
+    if config.api_keys:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            if path.startswith(API_PREFIX):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+    return schema
+
+
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (which the caller owns and shuts down)."""
     metrics = ServerMetrics(engine)
@@ -98,37 +137,46 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             sampler.cancel()
 
     app = FastAPI(title="roofline", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  generate_unique_id_function=lambda route: route.name)  # operationIds: the handlers' names
     app.state.ctx = ctx
     install_error_handlers(app)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app, config)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.post("/v1/completions", **_documented(CompletionResponse, CompletionRequest, chunk=CompletionResponse))
+    async def create_completion(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
         plan = plan_completion(req, ctx)
         return await _respond(request, plan.stream, req.stream, lambda: completion_response(plan, ctx),
                               lambda: completion_events(plan, ctx))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    @app.post("/v1/chat/completions",
+              **_documented(ChatCompletionResponse, ChatCompletionRequest, chunk=ChatCompletionChunk))
+    async def create_chat_completion(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
         plan = await plan_chat(req, ctx)
         return await _respond(request, plan.stream, req.stream, lambda: chat_response(plan, ctx),
                               lambda: chat_events(plan, ctx))
 
-    @app.get("/v1/models")
-    async def models() -> Response:
+    @app.get("/v1/models", **_documented(ModelList))
+    async def list_models() -> Response:
         card = ModelCard(id=config.model_name, created=config.created, max_model_len=ctx.max_model_len)
         return _json(ModelList(data=[card]))
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> Response:
-        if model_id != config.model_name and model_id not in config.model_aliases:
-            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {config.model_name!r}",
+    @app.get("/v1/models/{model:path}", **_documented(ModelCard))
+    async def retrieve_model(model: str) -> Response:
+        if model != config.model_name and model not in config.model_aliases:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
                            code="model_not_found", param="model")
         return _json(ModelCard(id=config.model_name, created=config.created, max_model_len=ctx.max_model_len))
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"content": _HEALTH_BODY},
+                                   503: {"description": "draining, or the engine stopped", "content": _HEALTH_BODY}})
     async def health() -> JSONResponse:
         if not engine.is_alive():
             return JSONResponse({"status": "engine stopped"}, status_code=503)
@@ -136,10 +184,9 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    routes = frozenset(r.path for r in app.routes if hasattr(r, "path"))
-    app.add_middleware(GuardMiddleware, ctx=ctx, routes=routes)
+    app.add_middleware(GuardMiddleware, ctx=ctx, routes=tuple(app.routes))
     return app

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from types import FrameType
 
 import uvicorn
 
+from roofline.errors import RooflineError
 from roofline.server.context import DrainState
 
 logger = logging.getLogger("roofline.server")
@@ -74,6 +77,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, for uvicorn to listen on; a port in use is a one-line RooflineError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: rebind at once after a restart
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise RooflineError(f"port {port} on {host} is already in use; stop what holds it or choose "
+                                f"another --port") from None
+        raise RooflineError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; check --host and "
+                            f"--port") from None
+    return sock
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -110,18 +130,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s with no API key: anyone who can reach it may use it "
                        "(set --api-key or $ROOFLINE_API_KEY)", args.host)
-    llm = _make_llm(args)
-    engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
-    try:
-        app = create_app(engine, config)
-        uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                   timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S, access_log=args.access_log)
-        server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout)
-        print(f"roofline: serving {config.model_name} on http://{args.host}:{args.port}/v1 "
-              f"(context {llm.engine.max_model_len} tokens)", flush=True)
-        server.run()
-    finally:
-        engine.shutdown()
+    with bind_port(args.host, args.port) as sock:  # before the model loads (slow), so a taken port fails at once
+        llm = _make_llm(args)
+        engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+        try:
+            app = create_app(engine, config)
+            uv_config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,
+                                       access_log=args.access_log)
+            server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout)
+            print(f"roofline: serving {config.model_name} on http://{args.host}:{sock.getsockname()[1]}/v1 "
+                  f"(context {llm.engine.max_model_len} tokens)", flush=True)
+            server.run(sockets=[sock])
+        finally:
+            engine.shutdown()
     return 0
 
 
@@ -132,7 +153,7 @@ def add_serve_parser(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                               description="Serve the OpenAI-compatible HTTP API (/v1/completions, "
-                                          "/v1/chat/completions, /v1/models, /health, /metrics).")
+                                          "/v1/chat/completions, /v1/models, /health, /metrics, /openapi.json).")
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)

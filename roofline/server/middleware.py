@@ -6,6 +6,9 @@ untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roofline.server.auth import is_authorized
@@ -13,21 +16,36 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError, BodyTooLarge, error_body, too_large
 
 API_PREFIX = "/v1/"
+UNKNOWN_ROUTE = "other"  # the metrics label of a path no route serves
+
+
+def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The template of the route serving `scope` ("/v1/models/{model}"), else UNKNOWN_ROUTE.
+
+    Never the raw path: one label per path a client can make up would grow the metrics without bound.
+    A path served under another method (a 405) still gets its route's template.
+    """
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            return getattr(route, "path_format", UNKNOWN_ROUTE)
+    return UNKNOWN_ROUTE
 
 
 class GuardMiddleware:
     """Counts requests by route and status; guards /v1 routes and tracks how many are in flight."""
 
-    def __init__(self, app: ASGIApp, ctx: ServingContext, routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, ctx: ServingContext, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.ctx = ctx
-        self.routes = routes  # known paths; others are counted as "other" to bound label cardinality
+        self.routes = routes  # the app's routes, whose templates label the request counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        route = route_label(self.routes, scope)
         status = 500  # what is counted if the app fails before it answers
 
         async def send_counted(message: Message) -> None:
@@ -51,7 +69,6 @@ class GuardMiddleware:
             finally:
                 drain.num_in_flight -= 1
         finally:
-            route = path if path in self.routes else "other"
             self.ctx.metrics.requests.labels(route=route, status=str(status)).inc()
 
     def _refusal(self, scope: Scope) -> APIError | None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 
+import httpx
 import pytest
+
+from roofline.server import create_app
 
 PROMPT = "Hello, my name is"
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -189,3 +193,31 @@ def test_streamed_chat_logprobs_cover_every_token(server, oai):
     assert len(entries) == chunks[-1].usage.completion_tokens == 6
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "".join(e.token for e in entries).startswith(text)
+
+
+def _num_requests(server, route: str, status: int) -> float:
+    value = server.ctx.metrics.registry.get_sample_value("roofline_requests_total",
+                                                         {"route": route, "status": str(status)})
+    return value or 0.0
+
+
+def test_metrics_label_requests_by_route_template(server, http):
+    """Every served route has its own label, its template and never the raw path; unknown paths are "other"."""
+    calls = [("/v1/models/{model}", 200, lambda c: c.get(f"/v1/models/{server.model}")),
+             ("/v1/models/{model}", 404, lambda c: c.get("/v1/models/some/other-model")),
+             ("/v1/models/{model}", 401, lambda c: httpx.get(f"{server.base_url}/v1/models/x")),
+             ("/v1/models", 200, lambda c: c.get("/v1/models")),
+             ("/v1/completions", 405, lambda c: c.get("/v1/completions")),
+             ("/openapi.json", 200, lambda c: c.get("/openapi.json")),
+             ("other", 404, lambda c: c.get("/v1/no-such-route/123"))]
+    before = [_num_requests(server, route, status) for route, status, _ in calls]
+    for route, status, call in calls:
+        assert call(http).status_code == status, route
+    deadline = time.monotonic() + 5  # the middleware counts once the response is sent, so it may lag a little
+    while [_num_requests(server, route, status) for route, status, _ in calls] != [b + 1 for b in before]:
+        assert time.monotonic() < deadline, [_num_requests(server, r, s) - b for (r, s, _), b in zip(calls, before)]
+        time.sleep(0.01)
+    routes = {s.labels["route"] for m in server.ctx.metrics.registry.collect() if m.name == "roofline_requests"
+              for s in m.samples}
+    templates = {r.path_format for r in create_app(server.ctx.engine, server.ctx.config).routes}
+    assert routes <= templates | {"other"}

@@ -1,4 +1,4 @@
-"""`roofline serve` as a process: the CLI flags, and SIGTERM draining in-flight requests before exit 0."""
+"""`roofline serve` as a process: its flags, a port in use, and SIGTERM draining in-flight requests before exit 0."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import time
 import httpx
 import pytest
 
+from roofline import cli
 from roofline.cli import build_parser
-from roofline.server.commands import served_model_name
+from roofline.errors import RooflineError
+from roofline.server.commands import bind_port, served_model_name
 
 
 def test_serve_is_registered_with_engine_flags():
@@ -34,6 +36,26 @@ def test_bad_flags_exit_2(argv, capsys):
 def test_served_model_name():
     assert served_model_name("default") == "SmolLM2-135M-Instruct"
     assert served_model_name("/models/qwen.gguf") == "/models/qwen.gguf"
+
+
+def test_port_in_use_exits_2_before_loading_the_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_make_llm", lambda args: pytest.fail("the model loaded although the port is taken"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"roofline: error: port {port} on 127.0.0.1 is already in use; stop what holds "
+                                    f"it or choose another --port"]
+    assert out.out == ""
+
+
+def test_bind_port():
+    with bind_port("127.0.0.1", 0) as sock:
+        assert sock.getsockname()[1] > 0
+    with pytest.raises(RooflineError, match="cannot listen on 192.0.2.1 port 8000: .*; check --host"):
+        bind_port("192.0.2.1", 8000)  # TEST-NET-1: an address no machine has
 
 
 def _free_port() -> int:

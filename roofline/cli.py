@@ -8,7 +8,7 @@ import logging
 import sys
 
 from roofline import __version__
-from roofline.errors import RooflineError
+from roofline.errors import InvalidRequestError, RooflineError
 
 EXIT_USAGE = 2
 
@@ -74,9 +74,27 @@ def _make_llm(args: argparse.Namespace):
                compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty())
 
 
-def _sampling(args: argparse.Namespace, **extra):
-    from roofline.sampling_params import SamplingParams
+# chat-request field -> the argument that sets it; the chat route's limits are the CLI's (max_tokens >= 1)
+_SAMPLING_FLAGS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                   "seed": "sample_seed", "top_logprobs": "logprobs"}
 
+
+def _sampling(args: argparse.Namespace, **extra):
+    """SamplingParams from the flags, held to the limits the server puts on the same request fields."""
+    from pydantic import ValidationError
+
+    from roofline.sampling_params import SamplingParams
+    from roofline.server.protocol import ChatCompletionRequest
+
+    fields = {name: getattr(args, dest, None) for name, dest in _SAMPLING_FLAGS.items()}
+    try:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": ""}], **fields})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        name = err["loc"][0]
+        flag = "--" + _SAMPLING_FLAGS[name].replace("_", "-")
+        raise InvalidRequestError(f"{flag} {err['msg'].replace('Input should be', 'must be')}, "
+                                  f"got {fields[name]}") from None
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.sample_seed, **extra)
 
@@ -113,6 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat; tokens stream to the terminal; /exit quits, /reset clears the history."""
+    params = _sampling(args)  # bad flags fail before the model loads, not on every turn
     llm = _make_llm(args)
     engine = llm.engine
     history: list[dict[str, str]] = []
@@ -139,7 +158,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         rid = f"chat-{turn}"
         turn += 1
         try:
-            engine.add_request(rid, ids, _sampling(args))
+            engine.add_request(rid, ids, params)
         except RooflineError as exc:
             history.pop()
             print(f"error: {exc}", file=sys.stderr)

@@ -37,9 +37,9 @@ def test_generate_json_with_logprobs(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/model", "--prompt", "hi"], "not found"),
-    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
-    (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
-    (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be greater than or equal to 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p must be greater than 0, got 0.0"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "--max-tokens must be greater than or equal to 1, got 0"),
     (["generate", "--prompt", "hi", "--kernels", "nope"], "kernels must be one of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -48,6 +48,31 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert message in err
     assert len(err.splitlines()) == 1
     assert "Traceback" not in err
+
+
+# sampling flags get the server's limits, checked before the model loads
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["--temperature", "-0.5"], "--temperature must be greater than or equal to 0, got -0.5"),
+    (["--temperature", "2.5"], "--temperature must be less than or equal to 2, got 2.5"),
+    (["--top-p", "1.5"], "--top-p must be less than or equal to 1, got 1.5"),
+    (["--top-p=-inf"], "--top-p must be a finite number, got -inf"),
+    (["--max-tokens", "-1"], "--max-tokens must be greater than or equal to 1, got -1"),
+    (["--top-k", "-2"], "--top-k must be greater than or equal to -1, got -2"),
+    (["--sample-seed", str(2**64)], "--sample-seed must be less than"),
+    (["--logprobs", "21"], "--logprobs must be less than or equal to 20, got 21"),
+])
+def test_bad_sampling_flags_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(["generate", "--prompt", "hi", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"roofline: error: {message}") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+def test_chat_checks_sampling_flags_before_loading_the_model(capsys):
+    assert main(["chat", "--temperature", "9"]) == 2
+    assert capsys.readouterr().err == "roofline: error: --temperature must be less than or equal to 2, got 9.0\n"
 
 
 def test_kernels_shows_the_choice_per_shape_and_bucket(capsys):

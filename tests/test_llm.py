@@ -120,10 +120,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "word " * 200], "context limit"),
-    (["--prompt", "Hi", "--max-tokens", "0"], "max_tokens must be"),
-    (["--prompt", "Hi", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--prompt", "Hi", "--top-p", "0"], "top_p must be in"),
-    (["--prompt", "Hi", "--top-p", "1.5"], "top_p must be in"),
+    (["--prompt", "Hi", "--max-tokens", "0"], "--max-tokens must be greater than or equal to 1, got 0"),
+    (["--prompt", "Hi", "--temperature", "-1"], "--temperature must be greater than or equal to 0"),
+    (["--prompt", "Hi", "--top-p", "0"], "--top-p must be greater than 0"),
+    (["--prompt", "Hi", "--top-p", "1.5"], "--top-p must be less than or equal to 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(llm: LLM, monkeypatch, capsys, extra, message):
     monkeypatch.setattr(cli, "_make_llm", lambda args: llm)  # the shared engine stands in for loading
@@ -155,4 +155,4 @@ def test_cli_as_a_process_exits_2_with_one_line():
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.strip().splitlines() == ["roofline: error: temperature must be >= 0, got -1.0"]
+    assert proc.stderr.strip().splitlines() == ["roofline: error: --temperature must be greater than or equal to 0, got -1.0"]

@@ -30,6 +30,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped on an internal error."""
 
 
+class RequestCancelledError(RooflineError):
+    """The server ended the request before it finished (the drain deadline passed)."""
+
+
 def _snapshot(out: RequestOutput, params: SamplingParams) -> RequestOutput:
     hold = 0 if out.finished or not params.stop else max(len(s) for s in params.stop) - 1
     outputs = []
@@ -110,6 +114,14 @@ class AsyncEngine:
         """Abort a request; its blocks are freed before the next step."""
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def cancel_all(self, reason: str) -> int:
+        """End every request in flight with RequestCancelledError(reason) and abort it; returns how many."""
+        request_ids = list(self._streams)
+        for rid in request_ids:
+            self._deliver(rid, RequestCancelledError(reason))
+            self.abort(rid)
+        return len(request_ids)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the engine thread (requests still running are aborted)."""

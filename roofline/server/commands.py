@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -21,6 +22,7 @@ logger = logging.getLogger("roofline.server")
 
 DEFAULT_MAX_QUEUE = 256
 _GRACE_AFTER_DRAIN_S = 2.0  # uvicorn's own wait for connections once the drain is over
+_ANSWER_CANCELLED_S = 2.0  # longest wait, after the drain deadline, for the cancelled requests' answers to go out
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,11 +33,16 @@ class DrainingServer(uvicorn.Server):
     once. uvicorn's default would re-raise the signal after shutdown, so the exit status would not be 0.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, drain: DrainState, drain_timeout_s: float,
+                 cancel_in_flight: Callable[[str], int] | None = None) -> None:
         super().__init__(config)
         self.drain = drain
         self.drain_timeout_s = drain_timeout_s
         self.drain_deadline: float | None = None
+        # at the deadline: end every request still in flight with an error (streams get an error event and
+        # [DONE], others a 503), then give the answers a moment to go out before stopping
+        self.cancel_in_flight = cancel_in_flight
+        self.cancelled_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """First signal: start draining; second: stop now."""
@@ -53,9 +60,17 @@ class DrainingServer(uvicorn.Server):
         if self.drain_deadline is not None and not self.should_exit:
             if self.drain.num_in_flight == 0:
                 self.should_exit = True
+            elif self.cancelled_at is not None:
+                if time.monotonic() >= self.cancelled_at + _ANSWER_CANCELLED_S:
+                    self.should_exit = True
             elif time.monotonic() >= self.drain_deadline:
-                logger.warning("drain timeout: cancelling %d request(s) still in flight", self.drain.num_in_flight)
-                self.should_exit = True
+                logger.warning("drain timeout: ending %d request(s) still in flight with an error",
+                               self.drain.num_in_flight)
+                if self.cancel_in_flight is not None:
+                    self.cancel_in_flight("the server is shutting down (drain timeout); retry on another server")
+                    self.cancelled_at = time.monotonic()
+                else:
+                    self.should_exit = True
         return await super().on_tick(counter)
 
 
@@ -137,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             app = create_app(engine, config)
             uv_config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,
                                        access_log=args.access_log)
-            server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout)
+            server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout, engine.cancel_all)
             print(f"roofline: serving {config.model_name} on http://{args.host}:{sock.getsockname()[1]}/v1 "
                   f"(context {llm.engine.max_model_len} tokens)", flush=True)
             server.run(sockets=[sock])

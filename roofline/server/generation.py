@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from roofline.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from roofline.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestCancelledError
 from roofline.errors import ContextOverflowError, InvalidRequestError
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
@@ -31,6 +31,8 @@ def engine_error(exc: BaseException, retry_after_s: int, param: str = "prompt") 
         return APIError(400, str(exc), code="context_length_exceeded", param=param)
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), code="invalid_value")
+    if isinstance(exc, RequestCancelledError):
+        return APIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"{exc}; the server must be restarted", code="engine_dead")
     return None

@@ -1,7 +1,8 @@
 """OpenAI-shaped request and response models (pydantic), plus roofline's documented extension fields.
 
 Requests ignore fields they do not know (clients send many optional ones), but reject the ones they
-know and cannot honour (tools, logit_bias, ...) rather than silently doing something else.
+know and cannot honour (tools, logit_bias, ...) rather than silently doing something else. Known fields
+take JSON's types as they are, never coerced: see `_Request`.
 Extension fields roofline adds to responses are left out of the JSON when they are unset, so a
 response without them is field for field what OpenAI sends.
 """
@@ -19,7 +20,12 @@ LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (practically) zero
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """A request model: unknown fields ignored, known ones strictly typed and finite."""
+
+    # strict: values are taken as sent, never coerced ("5", true and 5.0 are not integers, "yes" and 1 are not
+    # booleans, "0.5" is not a number), as OpenAI rejects them; coercion let `"stream": "yes"` stream and made
+    # `"max_tokens": true` 1. An integer is still a number: `"temperature": 1` is valid.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):

@@ -7,14 +7,18 @@ guarantee (a client that leaves stops its generation) whatever server runs the a
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from roofline.server.errors import APIError, error_body
+
 T = TypeVar("T")
 SSE_DONE = b"data: [DONE]\n\n"
+logger = logging.getLogger("roofline.server")
 
 
 class ClientGone(Exception):
@@ -66,8 +70,19 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except APIError as err:  # cut mid-way (the drain deadline, the engine gone): say so, then end
+                await send({"type": "http.response.body", "body": sse_event(error_body(err).decode()) + SSE_DONE,
+                            "more_body": True})
+            except (ClientGone, OSError, asyncio.CancelledError):
+                raise
+            except Exception:  # a bug: logged once, and the client still gets an error event and an end
+                logger.exception("stream failed")
+                err = APIError(500, "the server failed while streaming this response", code="internal_error")
+                await send({"type": "http.response.body", "body": sse_event(error_body(err).decode()) + SSE_DONE,
+                            "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -102,8 +103,24 @@ def _stream_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, thre
     return thread, started, result
 
 
+def _post_in_thread(url: str, max_tokens: int) -> tuple[threading.Thread, dict]:
+    result = {}
+
+    def run():
+        body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True}
+        try:
+            result["response"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        except httpx.HTTPError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
 def test_sigterm_drains_then_exits_0():
-    """503 to newcomers at once; a short in-flight stream finishes; a long one is cut at the timeout; exit 0."""
+    """503 to newcomers at once; a short in-flight stream finishes; at the timeout a long stream ends with an
+    error event and [DONE], a long non-stream request gets a 503 JSON error; no traceback; exit 0."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     drain_timeout = 8.0
@@ -111,6 +128,7 @@ def test_sigterm_drains_then_exits_0():
     try:
         short, short_started, short_result = _stream_in_thread(url, max_tokens=48)
         long, long_started, long_result = _stream_in_thread(url, max_tokens=1000)
+        plain, plain_result = _post_in_thread(url, max_tokens=1000)
         assert short_started.wait(60) and long_started.wait(60)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -127,7 +145,16 @@ def test_sigterm_drains_then_exits_0():
         assert proc.wait(30) == 0
         assert drain_timeout - 0.5 < time.monotonic() - t0 < drain_timeout + 10
         long.join(10)
-        assert "[DONE]" not in long_result["events"]  # cut at the drain timeout
+        plain.join(10)
+        assert "error" not in long_result, long_result  # the chunked body ended properly
+        assert long_result["events"][-1] == "[DONE]"
+        error = json.loads(long_result["events"][-2])["error"]
+        assert error["code"] == "server_shutting_down" and "drain timeout" in error["message"]
+        assert "error" not in plain_result, plain_result
+        assert plain_result["response"].status_code == 503
+        assert plain_result["response"].json()["error"]["code"] == "server_shutting_down"
+        log = proc.stdout.read()
+        assert "Traceback" not in log and "CancelledError" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -138,6 +138,45 @@ def test_bad_chat_requests_are_400(http, body, code):
     assert_error(http.post("/v1/chat/completions", json=body), 400, code)
 
 
+# (route, body, the field the error must name): values of the wrong JSON type, which were once coerced
+WRONG_TYPES = [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens"),  # was 1
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5.0}, "max_tokens"),  # integers are sent without a fraction
+    ("/v1/completions", {"prompt": "hi", "n": "2"}, "n"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),  # was a stream
+    ("/v1/completions", {"prompt": "hi", "stream": 1}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": False}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "seed": 1.5}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": "true"}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "top_k": "40"}, "top_k"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": "3"}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": "true"}, "logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": "2"}, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": "5"}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages.0.name"),
+]
+
+
+@pytest.mark.parametrize("route,body,field", WRONG_TYPES, ids=[json.dumps(b)[-40:] for _, b, _ in WRONG_TYPES])
+def test_values_of_the_wrong_json_type_are_400_naming_the_field(http, route, body, field):
+    err = assert_error(http.post(route, json=body), 400, "invalid_value")
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == field and err["message"].startswith(f"{field}: "), err
+
+
+def test_integers_are_valid_numbers(http):
+    numbers = {"max_tokens": 1, "temperature": 1, "top_p": 1, "presence_penalty": 0, "min_p": 0,
+               "repetition_penalty": 1}
+    assert http.post("/v1/completions", json={"prompt": "hi", **numbers}).status_code == 200
+    assert http.post("/v1/chat/completions", json={"messages": CHAT, **numbers}).status_code == 200
+
+
 def test_context_overflow_says_token_count_and_limit(server, http):
     limit = server.ctx.max_model_len
     prompt = "hello " * (limit + 10)

@@ -18,6 +18,46 @@ def test_requests_ignore_unknown_fields_and_reject_non_finite_numbers():
         ChatCompletionRequest.model_validate({"messages": []})
 
 
+CHAT = [{"role": "user", "content": "x"}]
+
+
+# JSON values of the wrong type, once coerced ("5" -> 5, true -> 1, "yes" -> True)
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("max_tokens", 5.5), ("n", "2"),
+    ("stream", "yes"), ("stream", 1), ("temperature", "0.5"), ("temperature", True), ("seed", 1.5),
+    ("stop", 5), ("logprobs", True), ("logprobs", "3"), ("echo", 0), ("user", 5), ("stop_token_ids", ["1"]),
+])
+def test_completion_fields_are_not_coerced(field, value):
+    with pytest.raises(ValidationError) as exc:
+        CompletionRequest.model_validate({"prompt": "hi", field: value})
+    assert exc.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize("body,loc", [
+    ({"logprobs": "true"}, ("logprobs",)),
+    ({"logprobs": True, "top_logprobs": "3"}, ("top_logprobs",)),
+    ({"stream_options": {"include_usage": 1}}, ("stream_options", "include_usage")),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, ("messages", 0, "content")),
+])
+def test_chat_fields_are_not_coerced(body, loc):
+    with pytest.raises(ValidationError) as exc:
+        ChatCompletionRequest.model_validate({"messages": CHAT, **body})
+    assert exc.value.errors()[0]["loc"][:len(loc)] == loc
+
+
+def test_integers_are_numbers_and_every_json_form_still_parses():
+    req = CompletionRequest.model_validate({"prompt": [[1], [2]], "temperature": 1, "top_p": 1, "min_p": 0,
+                                            "logit_bias": {}, "stop": ["a"], "stop_token_ids": [2], "seed": -1})
+    assert req.temperature == 1.0 and isinstance(req.temperature, float) and req.seed == -1
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": None, "name": "bot"}]
+    chat = ChatCompletionRequest.model_validate({
+        "messages": messages, "logprobs": True, "top_logprobs": 2, "tools": [], "tool_choice": "none",
+        "response_format": {"type": "text"}, "stream": True, "stream_options": {"include_usage": False}})
+    assert chat.messages[1].content[0].text == "hi" and chat.top_logprobs == 2
+
+
 def test_prompt_forms():
     for prompt in ("a", ["a", "b"], [1, 2], [[1], [2, 3]]):
         assert CompletionRequest.model_validate({"prompt": prompt}).prompt == prompt

@@ -11,6 +11,7 @@ from roofline import __version__
 from roofline.errors import InvalidRequestError, RooflineError
 
 EXIT_USAGE = 2
+CHAT_COMMANDS = "/exit to quit, /reset to clear the history"
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,8 @@ def _parse_bytes(text: str) -> int:
 
 
 def _make_llm(args: argparse.Namespace):
+    if sys.stderr.isatty():  # importing torch and opening the model take seconds before the progress bar shows
+        print(f"roofline: loading {args.model} ...", file=sys.stderr, flush=True)
     from roofline.llm import LLM
 
     return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
@@ -137,7 +140,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("roofline chat - /exit to quit, /reset to clear the history", file=sys.stderr)
+    print(f"roofline chat - {CHAT_COMMANDS}", file=sys.stderr)
     turn = 0
     while True:
         try:
@@ -145,12 +148,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 0
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             return 0
-        if line.strip() == "/reset":
+        if command == "/reset":
             del history[1 if args.system else 0:]
+            print("(history cleared" + (", system prompt kept)" if args.system else ")"), file=sys.stderr)
             continue
-        if not line.strip():
+        if command.startswith("//"):  # a line that really begins with "/"
+            line = line.replace("//", "/", 1)
+        elif command.startswith("/"):  # a mistyped command is not sent to the model
+            print(f"unknown command {command.split()[0]}: {CHAT_COMMANDS} (start a line with // to send "
+                  f"it beginning with /)", file=sys.stderr)
+            continue
+        if not command:
             continue
         history.append({"role": "user", "content": line})
         prompt = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True)

@@ -98,3 +98,34 @@ def test_non_utf8_argument_is_one_line_error(capsys):
     assert main(["generate", "--prompt", prompt, "--max-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "roofline: error: --prompt is not valid UTF-8 text"
+
+
+def test_chat_commands_answer_and_never_reach_the_model(monkeypatch, capsys):
+    """/reset says what it did; a mistyped /command is reported, not sent; //text sends "/text"."""
+    import roofline.cli as cli
+
+    sent = []
+
+    class Tokenizer:
+        def apply_chat_template(self, history, add_generation_prompt):
+            sent.append(history[-1]["content"])
+            return "prompt"
+
+        def encode(self, text, add_special_tokens):
+            return [1]
+
+    class Engine:
+        def add_request(self, rid, ids, params):
+            raise cli.RooflineError("stop here")  # the test only checks what was sent
+
+    class FakeLLM:
+        tokenizer, engine = Tokenizer(), Engine()
+
+    lines = iter(["/reset", "/rest", "/nope with words", "//slash text", "/exit"])
+    monkeypatch.setattr(cli, "_make_llm", lambda args: FakeLLM())
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat"]) == 0
+    err = capsys.readouterr().err
+    assert "(history cleared)" in err
+    assert "unknown command /rest" in err and "unknown command /nope:" in err
+    assert sent == ["/slash text"]

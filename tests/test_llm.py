@@ -156,3 +156,10 @@ def test_cli_as_a_process_exits_2_with_one_line():
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["roofline: error: --temperature must be greater than or equal to 0, got -1.0"]
+
+
+def test_any_seed_in_range_works_for_every_sample(llm: LLM):
+    # the n-th sample seeds with seed + n, which passed 2**64 - 1 (torch's largest) and raised
+    params = SamplingParams(n=2, seed=2**64 - 1, max_tokens=3, temperature=1.0)
+    first, second = (llm.generate("Hi", params)[0] for _ in range(2))
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in second.outputs]

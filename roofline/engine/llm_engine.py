@@ -147,7 +147,7 @@ class LLMEngine:
             seed = params.seed + i if params.seed is not None else self.config.seed * 1_000_003 + next(
                 self._seed_counter)
             gen = torch.Generator(device=self.runner.device)
-            gen.manual_seed(seed)
+            gen.manual_seed(seed % (1 << 64))  # any int: torch takes seeds as 64-bit words
             r = Request(f"{request_id}#{i}" if params.n > 1 else request_id, ids, params, max_tokens, eos,
                         priority=priority, generator=gen, sample_index=i,
                         parent_id=request_id if i else None)

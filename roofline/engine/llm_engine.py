@@ -56,10 +56,12 @@ def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
 class LLMEngine:
     """The synchronous engine: requests in, RequestOutputs out, one step at a time."""
 
-    def __init__(self, config: EngineConfig, progress=None) -> None:
+    def __init__(self, config: EngineConfig, progress=None, source=None) -> None:
+        """`source`: a model source object (model_config(), tokenizer(), tensors(dtype), num_tensors()) to
+        load instead of opening `config.model`, e.g. random weights of a published shape (bench/gpu.py)."""
         self.config = config
         self.num_threads = configure_threads(config.device.num_threads)
-        source = open_model(config.model)
+        source = source if source is not None else open_model(config.model)
         self.model_config = source.model_config()
         self.tokenizer = source.tokenizer()
         self.runner = ModelRunner.load(source, config, progress)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import psutil
 import torch
@@ -13,32 +12,15 @@ import torch
 from roofline.config import EngineConfig
 from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.model_runner import ModelRunner, configure_threads
+from roofline.engine.output_processor import OutputProcessor
 from roofline.engine.request import Request, RequestStatus
-from roofline.engine.sampler import SampledToken
 from roofline.engine.scheduler import Scheduler, SchedulerOutput
 from roofline.errors import ContextOverflowError, InvalidRequestError
 from roofline.loaders import open_model
-from roofline.loaders.tokenizer import IncrementalDetokenizer
-from roofline.outputs import CompletionOutput, Logprob, RequestOutput
+from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
 
 logger = logging.getLogger("roofline")
-
-
-@dataclass
-class _Group:
-    """The n samples of one user request, and what they return."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    samples: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
-    outputs: list[CompletionOutput]
-
-    @property
-    def finished(self) -> bool:
-        return all(r.status.is_finished for r in self.samples)
 
 
 def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
@@ -87,8 +69,8 @@ class LLMEngine:
             self.runner.warm_up_compiled()
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
         self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode)
-        self.groups: dict[str, _Group] = {}
-        self._owner: dict[str, str] = {}  # sample request id -> user request id
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
+        self.groups = self.outputs.groups  # user request id -> its samples and outputs
         self._seed_counter = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -156,11 +138,7 @@ class LLMEngine:
             if params.prompt_logprobs is not None:
                 r.prompt_logprobs = [None]
             samples.append(r)
-        self.groups[request_id] = _Group(
-            request_id, text, ids, samples,
-            [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) for _ in samples],
-            [CompletionOutput(i, "", []) for i in range(params.n)])
-        self._owner.update((r.request_id, request_id) for r in samples)
+        self.outputs.add(request_id, text, ids, samples)
         self.scheduler.add_request(samples[0])
         if params.n > 1:
             self.scheduler.add_children(samples[0], samples[1:])
@@ -169,11 +147,9 @@ class LLMEngine:
     def abort(self, request_ids: str | list[str]) -> None:
         """Stop requests now and free their KV blocks; unknown ids are ignored."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
-            group = self.groups.pop(rid, None)
+            group = self.outputs.pop(rid)
             if group is None:
                 continue
-            for r in group.samples:
-                self._owner.pop(r.request_id, None)
             self.scheduler.pending_children.pop(group.samples[0].request_id, None)
             for r in group.samples:
                 if not r.status.is_finished:
@@ -197,27 +173,9 @@ class LLMEngine:
         self._size_prefill_chunks(plan, time.perf_counter() - started)
         sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
         self.scheduler.update_from_output(plan, sampled_ids)
-        touched: dict[str, _Group] = {}
-        by_id = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
-        for rid, entries in result.prompt_logprobs.items():
-            req = by_id[rid]
-            req.prompt_logprobs.extend(self._logprob_dict(e, e.token_id) for e in entries)
-        for rid, sampled in result.sampled.items():
-            req = by_id[rid]
-            group = self.groups.get(self._owner.get(rid, ""))
-            if group is None:
-                continue
-            if req.sampling_params.logprobs is not None:
-                req.logprobs.append(self._logprob_dict(sampled, sampled.token_id))
-            self._process_token(group, req, sampled.token_id)
-            touched[group.request_id] = group
+        samples = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
         self.num_generated_tokens += len(result.sampled)
-        outputs = [self._make_output(g) for g in touched.values()]
-        for out in outputs:
-            if out.finished:
-                for r in self.groups.pop(out.request_id).samples:
-                    self._owner.pop(r.request_id, None)
-        return outputs
+        return self.outputs.process(samples, result.prompt_logprobs, result.sampled)
 
     def _size_prefill_chunks(self, plan: SchedulerOutput, seconds: float) -> None:
         """Cut prompt chunks, while sequences decode, to what fits in max_decode_stall_ms at the measured cost."""
@@ -230,59 +188,6 @@ class LLMEngine:
             0.5 * (self._seconds_per_token + per_token)
         budget = self.config.scheduler.max_num_batched_tokens
         self.scheduler.prefill_chunk_limit = min(budget, max(16, int(stall_ms / 1e3 / self._seconds_per_token)))
-
-    def _logprob_dict(self, s: SampledToken, token_id: int) -> dict[int, Logprob]:
-        d = {tid: Logprob(lp, rank + 1, self.tokenizer.token_text(tid))
-             for rank, (tid, lp) in enumerate(zip(s.top_ids, s.top_logprobs))}
-        if token_id not in d:
-            d[token_id] = Logprob(s.logprob, s.rank, self.tokenizer.token_text(token_id))
-        d[token_id].processed_logprob = s.processed_logprob
-        return d
-
-    def _process_token(self, group: _Group, req: Request, token: int) -> None:
-        i = req.sample_index
-        out = group.outputs[i]
-        params = req.sampling_params
-        delta = group.detokenizers[i].add([token])
-        out.token_ids = req.output_token_ids
-        out.text += delta
-        status = None
-        if token in req.eos_token_ids or token in params.stop_token_ids:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-            if delta and not params.include_stop_str_in_output:
-                out.text = out.text[: len(out.text) - len(delta)]
-        if status is None and params.stop:
-            # only the tail that could contain a new match is searched
-            window = max(len(s) for s in params.stop) + len(delta)
-            tail_start = max(len(out.text) - window, 0)
-            for stop in params.stop:
-                pos = out.text.find(stop, tail_start)
-                if pos != -1:
-                    status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-                    out.text = out.text[: pos + (len(stop) if params.include_stop_str_in_output else 0)]
-                    break
-        if status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
-            status = RequestStatus.FINISHED_LENGTH
-        if params.logprobs is not None:
-            out.logprobs = req.logprobs
-        if status is not None:
-            out.finish_reason = status.value
-            out.stop_reason = req.stop_reason
-            self.scheduler.finish(req, status)
-
-    def _make_output(self, group: _Group) -> RequestOutput:
-        first = group.samples[0]
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            prompt_logprobs=first.prompt_logprobs if first.sampling_params.prompt_logprobs is not None else None,
-            outputs=group.outputs,
-            finished=group.finished,
-            num_cached_tokens=first.num_cached_tokens,
-            queue_time=None if first.first_scheduled_time is None
-            else first.first_scheduled_time - first.arrival_time,
-        )
 
     def stats(self) -> dict[str, float]:
         """Counters for logs and metrics."""

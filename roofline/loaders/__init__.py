@@ -42,10 +42,14 @@ def open_model(model: str) -> ModelSource:
     path = resolve_model_path(model)
     if os.path.isdir(path):
         return HFDirectory(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if magic != b"GGUF":
-        raise ModelLoadError(f"{path}: not a GGUF file (bad magic) and not a model directory")
+        kind = f"only {len(magic)} bytes long" if len(magic) < 4 else "bad magic"
+        raise ModelLoadError(f"{path}: not a GGUF file ({kind}) and not a model directory")
     return GGUFFile(path)
 
 

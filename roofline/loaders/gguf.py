@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -11,13 +12,18 @@ import numpy as np
 import torch
 
 from roofline.config import ModelConfig
-from roofline.errors import ModelLoadError
+from roofline.errors import ConfigError, ModelLoadError
+from roofline.loaders.gguf_checks import check_vocab, describe, expected_dims
+from roofline.loaders.gguf_layout import check_layout
 from roofline.loaders.tokenizer import TextTokenizer, TokenizerInfo, tokenizer_from_gguf_vocab
 
 # GGUF architecture name -> (our registry key, does llama.cpp's converter permute q/k for interleaved rope?)
 _ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False),
                   "qwen3": ("qwen3", False)}
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# 16M positions: above any released model's context (10M); a larger value is a corrupt field, and the
+# rotary table for it alone would take GiBs
+MAX_CONTEXT_LENGTH = 1 << 24
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -53,71 +59,157 @@ class GGUFFile:
         import gguf  # imported here: the module is only needed for GGUF models
 
         self.path = path
+        check_layout(path)  # gguf's reader takes every length and count at its word: prove them first
         try:
             self.reader = gguf.GGUFReader(path)
-        except Exception as exc:  # gguf raises ValueError/IndexError/struct.error on damaged files
-            raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}); "
-                                 f"is it truncated or corrupt?") from None
+        except Exception as exc:  # damage the layout check does not look for still gets one line
+            raise self._error(f"not a readable GGUF file ({type(exc).__name__}: {_first_line(exc)}); "
+                              f"is it truncated or corrupt?") from None
         self.metadata = {}
         for key, field in self.reader.fields.items():
             if key.startswith("GGUF."):
                 continue
             try:
                 self.metadata[key] = field.contents()
-            except Exception as exc:
-                raise ModelLoadError(f"{path}: metadata key {key} is unreadable ({exc})") from None
+            except Exception as exc:  # e.g. a string that is not UTF-8
+                raise self._error(f"metadata key {key!r} is unreadable ({_first_line(exc)})") from None
+
+    def _error(self, message: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: {message}")
 
     @cached_property
     def arch(self) -> str:
         """The GGUF `general.architecture`."""
         arch = self.metadata.get("general.architecture")
-        if arch not in _ARCHITECTURES:
-            raise ModelLoadError(f"{self.path}: architecture {arch!r} is not supported; supported: "
-                                 f"{', '.join(sorted(_ARCHITECTURES))}")
+        if arch is None:
+            raise self._error("metadata key general.architecture is missing")
+        if not isinstance(arch, str) or arch not in _ARCHITECTURES:
+            raise self._error(f"architecture {arch!r} is not supported; supported: {', '.join(sorted(_ARCHITECTURES))}")
         return arch
 
-    def _get(self, key: str, default=None, required: bool = False):
-        full = f"{self.arch}.{key}"
-        if full not in self.metadata:
-            if required:
-                raise ModelLoadError(f"{self.path}: metadata key {full} is missing")
+    def _int(self, key: str, default: int | None = None, minimum: int = 1, maximum: int | None = None) -> int:
+        """An integer metadata value (no bools, floats or arrays) in [minimum, maximum]; missing and no
+        default: an error."""
+        if key not in self.metadata:
+            if default is None:
+                raise self._error(f"metadata key {key} is missing")
             return default
-        return self.metadata[full]
+        value = self.metadata[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._error(f"metadata key {key} must be an integer, got {describe(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise self._error(f"metadata key {key} is {value}; it must be {bound}")
+        return value
+
+    def _float(self, key: str, default: float, minimum: float = 0.0) -> float:
+        """A finite number of at least `minimum` (ints accepted), or `default` when the key is missing."""
+        value = self.metadata.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < minimum:
+            raise self._error(f"metadata key {key} must be a finite number of at least {minimum}, "
+                              f"got {describe(value)}")
+        return float(value)
+
+    def _token_id(self, key: str, vocab_size: int) -> int | None:
+        value = self.metadata.get(key)
+        if value is None:
+            return None
+        return self._int(key, minimum=0, maximum=vocab_size - 1)
+
+    def _num_tokens(self) -> int | None:
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            return None
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise self._error(f"metadata key tokenizer.ggml.tokens must be an array of strings, "
+                              f"got {describe(tokens)}")
+        return len(tokens)
 
     def model_config(self) -> ModelConfig:
-        """The architecture hyper-parameters this file describes."""
-        hidden = int(self._get("embedding_length", required=True))
-        heads = int(self._get("attention.head_count", required=True))
-        kv_heads = int(self._get("attention.head_count_kv", heads))
-        head_dim = int(self._get("attention.key_length", hidden // heads))
+        """The architecture hyper-parameters this file describes, checked against its tensors' shapes."""
+        a = f"{self.arch}."
+        hidden = self._int(a + "embedding_length")
+        heads = self._int(a + "attention.head_count")
+        kv_heads = self._int(a + "attention.head_count_kv", heads)
+        head_dim = self._int(a + "attention.key_length", max(hidden // heads, 1))
+        if heads % kv_heads:
+            raise self._error(f"{a}attention.head_count ({heads}) is not a multiple of "
+                              f"{a}attention.head_count_kv ({kv_heads})")
+        if head_dim % 2:
+            raise self._error(f"the head size is {head_dim} ({a}attention.key_length, or embedding_length / "
+                              f"head_count); rotary embeddings need an even one")
+        num_tokens = self._num_tokens()
+        if a + "vocab_size" not in self.metadata and num_tokens is None:
+            raise self._error(f"neither {a}vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+        vocab = self._int(a + "vocab_size", num_tokens)
+        if num_tokens is not None and num_tokens > vocab:
+            raise self._error(f"tokenizer.ggml.tokens holds {num_tokens} tokens, more than {a}vocab_size ({vocab})")
         names = {t.name for t in self.reader.tensors}
-        vocab = self._get("vocab_size") or len(self.metadata.get("tokenizer.ggml.tokens", []))
         rope_scaling = None
-        if self._get("rope.scaling.type") == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": float(self._get("rope.scaling.factor", 1.0))}
+        scaling_type = self.metadata.get(a + "rope.scaling.type")
+        if scaling_type is not None and not isinstance(scaling_type, str):
+            raise self._error(f"metadata key {a}rope.scaling.type must be a string, got {describe(scaling_type)}")
+        if scaling_type == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": self._float(a + "rope.scaling.factor", 1.0, 1e-6)}
+        eos = [self._token_id(k, vocab) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        try:
+            cfg = ModelConfig(
+                architecture=_ARCHITECTURES[self.arch][0],
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=self._int(a + "feed_forward_length"),
+                num_layers=self._int(a + "block_count"),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                max_position_embeddings=self._int(a + "context_length", 2048, maximum=MAX_CONTEXT_LENGTH),
+                rms_norm_eps=self._float(a + "attention.layer_norm_rms_epsilon", 1e-6),
+                rope_theta=self._float(a + "rope.freq_base", 10000.0, 1e-6),
+                rope_scaling=rope_scaling,
+                tie_word_embeddings="output.weight" not in names,
+                attention_bias="blk.0.attn_q.bias" in names,
+                qk_norm="blk.0.attn_q_norm.weight" in names,
+                bos_token_id=self._token_id("tokenizer.ggml.bos_token_id", vocab),
+                eos_token_ids=sorted({e for e in eos if e is not None}),
+            )
+        except ConfigError as exc:
+            raise self._error(str(exc)) from None
+        self._check_tensors(cfg, "rope_freqs.weight" in names)
         if "rope_freqs.weight" in names:  # llama3 scaling: llama.cpp stores the per-frequency divisors
-            rope_scaling = {"rope_type": "freq_factors", "factors": self._rope_freq_factors()}
-        eos = [self.metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-               if k in self.metadata]
-        return ModelConfig(
-            architecture=_ARCHITECTURES[self.arch][0],
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(self._get("feed_forward_length", required=True)),
-            num_layers=int(self._get("block_count", required=True)),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=int(self._get("context_length", 2048)),
-            rms_norm_eps=float(self._get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(self._get("rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings="output.weight" not in names,
-            attention_bias="blk.0.attn_q.bias" in names,
-            qk_norm="blk.0.attn_q_norm.weight" in names,
-            bos_token_id=self.metadata.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=sorted(set(int(e) for e in eos)),
-        )
+            cfg.rope_scaling = {"rope_type": "freq_factors", "factors": self._rope_freq_factors()}
+        return cfg
+
+    def _check_tensors(self, cfg: ModelConfig, has_rope_freqs: bool) -> None:
+        """Every tensor the model loads is present, of a supported type and of the shape the metadata
+        implies; checked before anything is allocated, so the config's sizes are bounded by the file's."""
+        from gguf import GGMLQuantizationType
+
+        blocks = {int(m.group(1)) for t in self.reader.tensors if (m := _BLOCK_RE.match(t.name))}
+        if cfg.num_layers != len(blocks):
+            raise self._error(f"{self.arch}.block_count is {cfg.num_layers}, but the file holds tensors of "
+                              f"{len(blocks)} blocks")
+        expected = expected_dims(cfg, has_rope_freqs)
+        for t in self.reader.tensors:
+            if _hf_name(t.name) is None and t.name != "rope_freqs.weight":
+                continue  # not loaded
+            dims = expected.pop(t.name, None)
+            if dims is None:
+                raise self._error(f"tensor {t.name!r} does not belong in a {cfg.num_layers}-block {self.arch} "
+                                  f"model with these settings")
+            actual = [int(d) for d in t.shape]
+            if actual != dims:
+                raise self._error(f"tensor {t.name!r} has shape {actual}, but the metadata implies {dims}")
+            type_name = GGMLQuantizationType(t.tensor_type).name
+            if type_name not in SUPPORTED_TENSOR_TYPES:
+                raise self._error(f"tensor {t.name!r} has type {type_name}; supported: "
+                                  f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
+        # o_proj's bias comes with attention_bias in some families only (not Qwen2): the model's
+        # load_weights tells a missing one from an unwanted one
+        missing = sorted(name for name in expected if not name.endswith("attn_output.bias"))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise self._error(f"tensor {missing[0]!r} is missing{more}")
 
     def _rope_freq_factors(self) -> list[float]:
         from gguf import GGMLQuantizationType, quants
@@ -126,26 +218,34 @@ class GGUFFile:
         try:
             return [float(x) for x in quants.dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(-1)]
         except Exception as exc:
-            raise ModelLoadError(f"{self.path}: tensor rope_freqs.weight is unreadable ({exc})") from None
+            raise self._error(f"tensor rope_freqs.weight is unreadable ({_first_line(exc)})") from None
 
     def tokenizer(self) -> TextTokenizer:
         """The model's tokenizer, rebuilt from the vocabulary metadata."""
         prefix = "tokenizer.ggml."
         meta = {k[len(prefix):]: v for k, v in self.metadata.items() if k.startswith(prefix)}
         if "tokens" not in meta:
-            raise ModelLoadError(f"{self.path}: the file has no tokenizer vocabulary")
-        tokens = meta["tokens"]
-        bos, eos = meta.get("bos_token_id"), meta.get("eos_token_id")
-        is_spm = meta.get("model") == "llama"
-        info = TokenizerInfo(
-            bos_token_id=bos,
-            eos_token_ids=self.model_config().eos_token_ids,
-            add_bos_token=bool(meta.get("add_bos_token", is_spm)),
-            chat_template=self.metadata.get("tokenizer.chat_template"),
-            bos_token=tokens[bos] if bos is not None else None,
-            eos_token=tokens[eos] if eos is not None else None,
-        )
-        return TextTokenizer(tokenizer_from_gguf_vocab(meta), info)
+            raise self._error("the file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+        template = self.metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise self._error(f"metadata key tokenizer.chat_template must be a string, got {describe(template)}")
+        eos_token_ids = self.model_config().eos_token_ids
+        try:
+            check_vocab(meta)
+            tokens = meta["tokens"]
+            bos, eos = meta.get("bos_token_id"), meta.get("eos_token_id")
+            is_spm = meta.get("model") == "llama"
+            info = TokenizerInfo(
+                bos_token_id=bos,
+                eos_token_ids=eos_token_ids,
+                add_bos_token=meta.get("add_bos_token", is_spm),
+                chat_template=template,
+                bos_token=tokens[bos] if bos is not None else None,
+                eos_token=tokens[eos] if eos is not None else None,
+            )
+            return TextTokenizer(tokenizer_from_gguf_vocab(meta), info)
+        except ModelLoadError as exc:  # messages of the checks and the tokenizer module, told which file
+            raise self._error(str(exc)) from None
 
     def num_tensors(self) -> int:
         """How many tensors the file holds."""
@@ -170,10 +270,7 @@ class GGUFFile:
             name = _hf_name(t.name)
             if name is None:
                 continue
-            qtype = GGMLQuantizationType(t.tensor_type)
-            if qtype.name not in SUPPORTED_TENSOR_TYPES:
-                raise ModelLoadError(f"{self.path}: tensor {t.name} has type {qtype.name}; supported: "
-                                     f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
+            qtype = GGMLQuantizationType(t.tensor_type)  # supported: model_config() checked every type
             shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists dims innermost first
             if name in keep_quantized and len(shape) == 2 and t.data.dtype == np.uint8:
                 blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # [rows, bytes per row]
@@ -184,13 +281,17 @@ class GGUFFile:
             try:
                 array = np.asarray(quants.dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
             except Exception as exc:
-                raise ModelLoadError(f"{self.path}: tensor {t.name} is unreadable ({exc}); "
-                                     f"is the file truncated?") from None
+                raise self._error(f"tensor {t.name!r} is unreadable ({_first_line(exc)}); "
+                                  f"is the file truncated?") from None
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
             if permuted and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                 heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
                 tensor = _unpermute_rope(tensor, heads)
             yield name, tensor.to(dtype)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _hf_name(gguf_name: str) -> str | None:

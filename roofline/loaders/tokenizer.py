@@ -37,7 +37,18 @@ _CONTROL_TOKEN_TYPES = (3, 4)  # gguf TokenType CONTROL and USER_DEFINED
 
 
 def tokenizer_from_gguf_vocab(meta: dict) -> Tokenizer:
-    """Build a `tokenizers.Tokenizer` from GGUF tokenizer metadata (keys without the `tokenizer.ggml.` prefix)."""
+    """Build a `tokenizers.Tokenizer` from GGUF tokenizer metadata (keys without the `tokenizer.ggml.` prefix),
+    its types, lengths and token ids already checked (`gguf_checks.check_vocab`)."""
+    try:
+        return _tokenizer_from_gguf_vocab(meta)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the tokenizers library refusing the vocabulary: merges of unknown tokens, ...
+        raise ModelLoadError(f"the tokenizer does not build from the GGUF vocabulary: "
+                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
+def _tokenizer_from_gguf_vocab(meta: dict) -> Tokenizer:
     kind = meta.get("model")
     tokens: list[str] = meta["tokens"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -116,7 +127,8 @@ class TextTokenizer:
             try:
                 self._template = env.from_string(info.chat_template)
             except jinja2.TemplateError as exc:
-                raise ModelLoadError(f"the model's chat template does not parse: {exc}") from None
+                raise ModelLoadError(f"the model's chat template does not parse: "
+                                     f"{(str(exc).splitlines() or ['?'])[0]}") from None
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -226,8 +226,10 @@ def test_gguf_with_tensor_data_cut_short(tmp_path, reference):
     write_gguf(reference.build_hf_model(reference.specs["qwen3-qknorm-headdim32"]), str(full),
                GGMLQuantizationType.F32)
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(full.read_bytes()[:-1000])
-    expect_load_error(str(cut), "cut.gguf")
+    data = full.read_bytes()
+    cut.write_bytes(data[:-1000])
+    expect_load_error(str(cut), "cut.gguf: truncated: tensor 'blk.1.ffn_down.weight' ends at byte",
+                      f"past the file's {len(data) - 1000} bytes")
 
 
 def test_gguf_of_an_unsupported_architecture(tmp_path):

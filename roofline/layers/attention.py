@@ -60,7 +60,7 @@ class PagedAttention(nn.Module):
         # q [T, H, D]; k, v [T, KVH, D] -> [T, H * D]
         k_cache, v_cache = kv_cache  # [num_blocks, block_size, KVH, D] (int8: D + 4, see quant/kv.py)
         num_decode = meta.num_decode_tokens
-        if torch.compiler.is_compiling():  # a compiled step is decode-only, its table as wide as it needs
+        if torch.compiler.is_compiling() or num_decode == q.shape[0]:  # decode-only (every compiled step is)
             return attend_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.decode_block_table,
                                  meta.decode_mask, self.scale).reshape(q.shape[0], self.num_heads * self.head_dim)
         out = torch.empty_like(q)
@@ -68,8 +68,6 @@ class PagedAttention(nn.Module):
             out[:num_decode] = attend_decode(q[:num_decode], k[:num_decode], v[:num_decode], k_cache, v_cache,
                                              meta.slot_mapping[:num_decode], meta.decode_block_table,
                                              meta.decode_mask, self.scale)
-        if num_decode == q.shape[0]:
-            return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         k_flat = k_cache.view(-1, self.num_kv_heads, k_cache.shape[-1])  # [slots, KVH, D]
         v_flat = v_cache.view(-1, self.num_kv_heads, v_cache.shape[-1])
         new = slice(num_decode, q.shape[0])

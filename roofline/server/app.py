@@ -23,16 +23,18 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError, install_error_handlers
 from roofline.server.generation import GenerationStream
 from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
-from roofline.server.middleware import API_PREFIX, GuardMiddleware
+from roofline.server.middleware import API_PREFIX, GUARDED_PATHS, GuardMiddleware
 from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                      CompletionRequest, CompletionResponse, ErrorResponse, ModelCard, ModelList)
+                                      CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                                      ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
+from roofline.server.tokenize import detokenize, tokenize
 
 M = TypeVar("M", bound=BaseModel)
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only ever seen in metrics
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _SCHEMA_REF = "#/components/schemas/{model}"
-_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest)  # parsed by parse_body, so FastAPI does not see them
+_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)  # parsed by parse_body, so FastAPI does not see them
 _HEALTH_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": ["ok", "draining", "engine stopped"]}}}}}
 
@@ -117,7 +119,7 @@ def openapi_schema(app: FastAPI, config: ServerConfig) -> dict:
     if config.api_keys:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in schema["paths"].items():
-            if path.startswith(API_PREFIX):
+            if path.startswith(API_PREFIX) or path in GUARDED_PATHS:
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     return schema
@@ -174,6 +176,14 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
                            code="model_not_found", param="model")
         return _json(ModelCard(id=config.model_name, created=config.created, max_model_len=ctx.max_model_len))
+
+    @app.post("/tokenize", **_documented(TokenizeResponse, TokenizeRequest))
+    async def tokenize_text(request: Request) -> Response:
+        return _json(await tokenize(await parse_body(request, TokenizeRequest), ctx))
+
+    @app.post("/detokenize", **_documented(DetokenizeResponse, DetokenizeRequest))
+    async def detokenize_tokens(request: Request) -> Response:
+        return _json(await detokenize(await parse_body(request, DetokenizeRequest), ctx))
 
     @app.get("/health", responses={200: {"content": _HEALTH_BODY},
                                    503: {"description": "draining, or the engine stopped", "content": _HEALTH_BODY}})

@@ -45,9 +45,10 @@ def _message_text(i: int, msg: ChatMessage) -> str:
     return "\n".join(texts)
 
 
-def _conversation(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def conversation_of(chat_messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (text only; tool messages refused)."""
     messages = []
-    for i, msg in enumerate(req.messages):
+    for i, msg in enumerate(chat_messages):
         if msg.role in ("tool", "function"):
             raise APIError(400, f"messages[{i}] has role {msg.role!r}; tool calls are not supported",
                            code="unsupported_parameter", param=f"messages[{i}].role")
@@ -71,7 +72,7 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
     """Check a chat request, render its prompt and build its GenerationStream (not started)."""
     check_request(req, 1, ctx.config, has_logprobs=req.logprobs)
     _check_unsupported(req)
-    conversation = _conversation(req)
+    conversation = conversation_of(req.messages)
     tok = ctx.tokenizer
 
     def render() -> list[int]:

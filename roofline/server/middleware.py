@@ -16,6 +16,7 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError, BodyTooLarge, error_body, too_large
 
 API_PREFIX = "/v1/"
+GUARDED_PATHS = ("/tokenize", "/detokenize")  # outside /v1 (vLLM's paths) but API work: keyed and drained alike
 UNKNOWN_ROUTE = "other"  # the metrics label of a path no route serves
 
 
@@ -55,7 +56,7 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            if not path.startswith(API_PREFIX):
+            if not path.startswith(API_PREFIX) and path not in GUARDED_PATHS:
                 await self.app(scope, receive, send_counted)
                 return
             refusal = self._refusal(scope)

@@ -264,6 +264,41 @@ class ChatCompletionChunk(_Response):
     usage: Usage | None = None
 
 
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` rendered through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template adds them)
+    add_generation_prompt: bool = True  # messages only
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(_Response):
+    """The token ids of a /tokenize request."""
+
+    _omit_if_none = frozenset({"token_strs"})
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's shape): token ids to text."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(_Response):
+    """The text of a /detokenize request."""
+
+    prompt: str
+
+
 class ModelCard(_Response):
     """One entry of GET /v1/models."""
 

@@ -47,7 +47,7 @@ def test_lists_every_route_the_app_serves(server, schema):
     listed = {(path, method) for path, ops in schema["paths"].items() for method in ops if method in HTTP_METHODS}
     assert listed == served
     assert {path for path, _ in listed} == {"/v1/completions", "/v1/chat/completions", "/v1/models",
-                                            "/v1/models/{model}", "/health", "/metrics"}
+                                            "/v1/models/{model}", "/tokenize", "/detokenize", "/health", "/metrics"}
     hidden = {r.path for r in app.routes if isinstance(r, Route) and not r.include_in_schema}
     assert hidden == {"/openapi.json"}
 
@@ -82,7 +82,7 @@ def test_responses_and_auth(server, schema):
         for op in ops.values():
             # every error is OpenAI's error JSON; FastAPI's 422 shape is never sent
             assert "422" not in op["responses"]
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
                 assert op["responses"]["default"]["content"]["application/json"]["schema"] == {
                     "$ref": "#/components/schemas/ErrorResponse"}
                 assert op["security"] == [{"bearer": []}]  # the live server requires API keys

@@ -38,7 +38,7 @@ import torch
 
 from roofline import LLM, SamplingParams
 from roofline.planner import get_weight_format, load_hardware, load_model_spec, predict_rates
-from roofline.planner.calibrate import calibrate
+from roofline.calibrate.run import calibrate
 
 VOCAB_LOW, VOCAB_HIGH = 10, 40000  # random prompt token ids, clear of special tokens
 

@@ -150,7 +150,7 @@ def runtime_lines(rc: RuntimeCosts) -> list[str]:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """`roofline calibrate`: measure, save the profile and print what was measured."""
-    from roofline.planner.calibrate import calibrate
+    from roofline.calibrate.run import calibrate
 
     path = args.output or default_profile_path()
     try:

@@ -2,8 +2,8 @@
 
 import torch
 
-from roofline.planner import calibrate_runtime as probes
-from roofline.planner.calibrate_curves import QUICK_CURVE_WIDTHS
+from roofline.calibrate import runtime as probes
+from roofline.calibrate.curves import QUICK_CURVE_WIDTHS
 from roofline.planner.eager import RuntimeCosts
 
 

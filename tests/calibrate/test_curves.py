@@ -2,7 +2,7 @@
 
 import torch
 
-from roofline.planner import calibrate_curves as curves
+from roofline.calibrate import curves
 
 
 def test_layer_shapes_are_llama_shaped():

@@ -9,8 +9,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from roofline.planner.calibrate_curves import CURVE_WIDTHS, QUICK_CURVE_WIDTHS
-from roofline.planner.calibrate_runtime import measure_runtime
+from roofline.calibrate.curves import CURVE_WIDTHS, QUICK_CURVE_WIDTHS
+from roofline.calibrate.runtime import measure_runtime
 from roofline.planner.timing import best_time
 from roofline.planner.profile import CalibrationProfile
 

@@ -1,5 +1,5 @@
 """Measure this runtime's eager costs (RuntimeCosts) with its own modules: matmul curves by width
-(calibrate_curves.py), layer dispatch and elementwise work, paged attention, sampling, scheduling.
+(curves.py), layer dispatch and elementwise work, paged attention, sampling, scheduling.
 
 Every probe runs over data larger than the last-level cache (a model's weights and KV cache are),
 keeps the best of several repeats (the run least disturbed by other processes), and fits a fixed
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from roofline.config import SchedulerConfig
-from roofline.planner.calibrate_curves import CURVE_WIDTHS, KV_RATIO, intermediate_size, measure_curves
+from roofline.calibrate.curves import CURVE_WIDTHS, KV_RATIO, intermediate_size, measure_curves
 from roofline.planner.eager import RuntimeCosts, activation_elements
 from roofline.planner.timing import best_time, fit_line
 

@@ -14,7 +14,7 @@ import torch
 from roofline.config import ModelConfig
 from roofline.errors import ConfigError, ModelLoadError
 from roofline.loaders.gguf_checks import check_vocab, describe, expected_dims
-from roofline.loaders.gguf_layout import check_layout
+from roofline.loaders.gguf_reader import read_gguf
 from roofline.loaders.tokenizer import TextTokenizer, TokenizerInfo, tokenizer_from_gguf_vocab
 
 # GGUF architecture name -> (our registry key, does llama.cpp's converter permute q/k for interleaved rope?)
@@ -56,23 +56,15 @@ class GGUFFile:
     """One GGUF file, read through a memory map."""
 
     def __init__(self, path: str) -> None:
-        import gguf  # imported here: the module is only needed for GGUF models
-
         self.path = path
-        check_layout(path)  # gguf's reader takes every length and count at its word: prove them first
-        try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as exc:  # damage the layout check does not look for still gets one line
+        try:  # every length, count and offset is proved to fit the file as it is read
+            self.reader = read_gguf(path)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # damage the layout walk does not look for still gets one line
             raise self._error(f"not a readable GGUF file ({type(exc).__name__}: {_first_line(exc)}); "
                               f"is it truncated or corrupt?") from None
-        self.metadata = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.metadata[key] = field.contents()
-            except Exception as exc:  # e.g. a string that is not UTF-8
-                raise self._error(f"metadata key {key!r} is unreadable ({_first_line(exc)})") from None
+        self.metadata = self.reader.metadata
 
     def _error(self, message: str) -> ModelLoadError:
         return ModelLoadError(f"{self.path}: {message}")
@@ -183,8 +175,6 @@ class GGUFFile:
     def _check_tensors(self, cfg: ModelConfig, has_rope_freqs: bool) -> None:
         """Every tensor the model loads is present, of a supported type and of the shape the metadata
         implies; checked before anything is allocated, so the config's sizes are bounded by the file's."""
-        from gguf import GGMLQuantizationType
-
         blocks = {int(m.group(1)) for t in self.reader.tensors if (m := _BLOCK_RE.match(t.name))}
         if cfg.num_layers != len(blocks):
             raise self._error(f"{self.arch}.block_count is {cfg.num_layers}, but the file holds tensors of "
@@ -197,10 +187,10 @@ class GGUFFile:
             if dims is None:
                 raise self._error(f"tensor {t.name!r} does not belong in a {cfg.num_layers}-block {self.arch} "
                                   f"model with these settings")
-            actual = [int(d) for d in t.shape]
+            actual = list(t.shape)
             if actual != dims:
                 raise self._error(f"tensor {t.name!r} has shape {actual}, but the metadata implies {dims}")
-            type_name = GGMLQuantizationType(t.tensor_type).name
+            type_name = t.tensor_type.name
             if type_name not in SUPPORTED_TENSOR_TYPES:
                 raise self._error(f"tensor {t.name!r} has type {type_name}; supported: "
                                   f"{', '.join(SUPPORTED_TENSOR_TYPES)}")
@@ -212,11 +202,11 @@ class GGUFFile:
             raise self._error(f"tensor {missing[0]!r} is missing{more}")
 
     def _rope_freq_factors(self) -> list[float]:
-        from gguf import GGMLQuantizationType, quants
+        from gguf import quants
 
         t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
         try:
-            return [float(x) for x in quants.dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(-1)]
+            return [float(x) for x in quants.dequantize(t.data, t.tensor_type).reshape(-1)]
         except Exception as exc:
             raise self._error(f"tensor rope_freqs.weight is unreadable ({_first_line(exc)})") from None
 
@@ -253,16 +243,14 @@ class GGUFFile:
 
     def tensor_types(self) -> dict[str, str]:
         """HF-style tensor name -> GGML type name ("F32", "Q4_1", ...)."""
-        from gguf import GGMLQuantizationType
-
-        return {name: GGMLQuantizationType(t.tensor_type).name for t in self.reader.tensors
+        return {name: t.tensor_type.name for t in self.reader.tensors
                 if (name := _hf_name(t.name)) is not None}
 
     def tensors(self, dtype: torch.dtype, keep_quantized: Collection[str] = ()
                 ) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
         """Yield (HF-style name, tensor) pairs, dequantized to `dtype`; 2-D tensors named in
         `keep_quantized` come as their raw blocks (GGMLTensor) for the quantized layers to decode."""
-        from gguf import GGMLQuantizationType, quants
+        from gguf import quants
 
         cfg = self.model_config()
         permuted = _ARCHITECTURES[self.arch][1]
@@ -270,8 +258,8 @@ class GGUFFile:
             name = _hf_name(t.name)
             if name is None:
                 continue
-            qtype = GGMLQuantizationType(t.tensor_type)  # supported: model_config() checked every type
-            shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists dims innermost first
+            qtype = t.tensor_type  # supported: model_config() checked every type
+            shape = tuple(reversed(t.shape))  # gguf lists dims innermost first
             if name in keep_quantized and len(shape) == 2 and t.data.dtype == np.uint8:
                 blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # [rows, bytes per row]
                 if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):  # rows permute whole

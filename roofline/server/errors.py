@@ -76,9 +76,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, " \
                       f"POST /v1/chat/completions, POST /tokenize, POST /detokenize"
             return error_response(APIError(404, message, code="not_found"))
-        if exc.status_code == 405:
+        if exc.status_code == 405:  # Starlette's Allow header (RFC 9110 requires it) is kept
             return error_response(APIError(405, f"method {request.method} is not allowed on {request.url.path}",
-                                           code="method_not_allowed"))
+                                           code="method_not_allowed", headers=dict(exc.headers or {})))
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)

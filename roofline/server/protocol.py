@@ -9,9 +9,9 @@ response without them is field for field what OpenAI sends.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
 MAX_STOP_STRINGS = 16
@@ -19,13 +19,34 @@ MAX_STOP_TOKEN_IDS = 256  # each is checked on every generated token
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (practically) zero probability
 
 
+def _whole_numbers(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema says); 2.5, "2" and true are not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def _takes_int(annotation: Any) -> bool:
+    """True when a field's type has int in it (int, int | None, list[int], ...)."""
+    return annotation is int or any(_takes_int(a) for a in get_args(annotation))
+
+
 class _Request(BaseModel):
     """A request model: unknown fields ignored, known ones strictly typed and finite."""
 
-    # strict: values are taken as sent, never coerced ("5", true and 5.0 are not integers, "yes" and 1 are not
+    # strict: values are taken as sent, never coerced ("5", true and 5.5 are not integers, "yes" and 1 are not
     # booleans, "0.5" is not a number), as OpenAI rejects them; coercion let `"stream": "yes"` stream and made
-    # `"max_tokens": true` 1. An integer is still a number: `"temperature": 1` is valid.
+    # `"max_tokens": true` 1. An integer is still a number (`"temperature": 1`), and a whole number is an
+    # integer (`"max_tokens": 5.0`), as JSON Schema counts them.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integers_may_be_whole_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        return _whole_numbers(value) if field is not None and _takes_int(field.annotation) else value
 
 
 class StreamOptions(_Request):

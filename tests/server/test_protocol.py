@@ -23,7 +23,7 @@ CHAT = [{"role": "user", "content": "x"}]
 
 # JSON values of the wrong type, once coerced ("5" -> 5, true -> 1, "yes" -> True)
 @pytest.mark.parametrize("field,value", [
-    ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("max_tokens", 5.5), ("n", "2"),
+    ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.5), ("max_tokens", 1e300), ("n", "2"),
     ("stream", "yes"), ("stream", 1), ("temperature", "0.5"), ("temperature", True), ("seed", 1.5),
     ("stop", 5), ("logprobs", True), ("logprobs", "3"), ("echo", 0), ("user", 5), ("stop_token_ids", ["1"]),
 ])
@@ -31,6 +31,12 @@ def test_completion_fields_are_not_coerced(field, value):
     with pytest.raises(ValidationError) as exc:
         CompletionRequest.model_validate({"prompt": "hi", field: value})
     assert exc.value.errors()[0]["loc"][0] == field
+
+
+def test_a_whole_number_is_an_integer_as_in_json_schema():
+    req = CompletionRequest.model_validate({"prompt": [1.0, 2], "max_tokens": 5.0, "n": 2.0, "seed": -3.0})
+    assert (req.prompt, req.max_tokens, req.n, req.seed) == ([1, 2], 5, 2, -3)
+    assert all(type(v) is int for v in (req.max_tokens, req.n, req.seed, *req.prompt))
 
 
 @pytest.mark.parametrize("body,loc", [

@@ -7,6 +7,7 @@ rebuilds the tokenizer the model was trained with.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import jinja2
@@ -134,6 +135,15 @@ class TextTokenizer:
     def eos_token_ids(self) -> list[int]:
         """Token ids that end generation."""
         return self.info.eos_token_ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """At least as many UTF-8 bytes as any one token covers of its input (its vocabulary entry's length).
+
+        So `len(text.encode()) // max_token_bytes` tokens is a floor on what `text` encodes to, known
+        without encoding it: a text far past the context is refused before it is tokenized.
+        """
+        return max((len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1) or 1
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; with `add_special_tokens`, BOS as the model expects."""

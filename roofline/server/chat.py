@@ -74,6 +74,12 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
     _check_unsupported(req)
     conversation = conversation_of(req.messages)
     tok = ctx.tokenizer
+    # a floor on the prompt's length, known without rendering or tokenizing it: a body of megabytes is refused
+    # at once instead of after seconds of tokenizing
+    floor = sum(len(m["content"].encode()) for m in conversation) // tok.max_token_bytes
+    if floor >= ctx.max_model_len:
+        raise APIError(400, f"the messages encode to at least {floor} tokens but the context limit is "
+                            f"{ctx.max_model_len}", code="context_length_exceeded", param="messages")
 
     def render() -> list[int]:
         return tok.encode(tok.apply_chat_template(conversation, add_generation_prompt=True), add_special_tokens=False)

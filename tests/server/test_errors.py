@@ -272,3 +272,13 @@ def test_no_junk_input_makes_a_500(server, http):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
         assert sock.recv(100).startswith(b"HTTP/1.1 400")
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_a_conversation_far_past_the_context_is_refused_before_tokenizing(server, http, monkeypatch):
+    tok = server.ctx.tokenizer
+    calls = []
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(1) or [])  # must not be reached
+    text = "word " * (server.ctx.max_model_len * tok.max_token_bytes // 5 + 1)
+    resp = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "max_tokens": 1})
+    assert_error(resp, 400, "context_length_exceeded")
+    assert "at least" in resp.json()["error"]["message"] and not calls

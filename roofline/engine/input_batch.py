@@ -191,7 +191,8 @@ class PersistentBatch:
         if num_decodes:
             decode_table = torch.from_numpy(table).to(self.device)
             visible = torch.arange(table.shape[1] * bs)[None, :] < torch.from_numpy(lengths)[:, None]
-            if self.mask_dtype is not None:
+            if self.mask_dtype is not None and pad_to is None:  # eager only: a compiled graph fuses the conversion,
+                # and inductor's CPU attention under AVX2 dispatch gave garbage with an additive mask (bool is right)
                 visible = torch.zeros(visible.shape, dtype=self.mask_dtype).masked_fill_(~visible, float("-inf"))
             decode_mask = visible[:, None, None, :].to(self.device)  # [B, 1, 1, nb * bs]
         attn = AttentionMetadata(

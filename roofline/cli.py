@@ -40,6 +40,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="never compile (the default unless --compile; wins over --compile)")
     p.add_argument("--kernel-accuracy", default="bf16", choices=["exact", "bf16", "int8"],
                    help="loosest activation rounding a kernel may use (the output head is always exact unless int8)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens in one step, prompt chunks and decodes together (default 512)")
+    p.add_argument("--max-decode-stall-ms", type=_stall_ms, default=250.0,
+                   help="while sequences decode, cut prompt chunks so a step takes about this long (default 250; "
+                        "'none': whole-budget chunks)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +71,18 @@ def _parse_bytes(text: str) -> int:
     return int(value)
 
 
+def _stall_ms(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds or 'none': {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text!r}")
+    return value
+
+
 def _make_llm(args: argparse.Namespace):
     if sys.stderr.isatty():  # importing torch and opening the model take seconds before the progress bar shows
         print(f"roofline: loading {args.model} ...", file=sys.stderr, flush=True)
@@ -74,7 +92,9 @@ def _make_llm(args: argparse.Namespace):
                seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
                quantization=args.quantization, quantization_group_size=args.quantization_group_size,
                kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
-               compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty())
+               compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty(),
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_decode_stall_ms=args.max_decode_stall_ms)
 
 
 # chat-request field -> the argument that sets it; the chat route's limits are the CLI's (max_tokens >= 1)

@@ -129,3 +129,38 @@ def test_chat_commands_answer_and_never_reach_the_model(monkeypatch, capsys):
     assert "(history cleared)" in err
     assert "unknown command /rest" in err and "unknown command /nope:" in err
     assert sent == ["/slash text"]
+
+
+def test_scheduler_flags_reach_the_engine(monkeypatch):
+    import roofline.llm
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(roofline.llm, "LLM", fake_llm)
+    with pytest.raises(Stop):
+        main(["generate", "--prompt", "hi", "--max-num-seqs", "8", "--max-num-batched-tokens", "96",
+              "--max-decode-stall-ms", "none"])
+    assert (seen["max_num_seqs"], seen["max_num_batched_tokens"], seen["max_decode_stall_ms"]) == (8, 96, None)
+    with pytest.raises(Stop):
+        main(["generate", "--prompt", "hi", "--max-decode-stall-ms", "40"])
+    assert seen["max_decode_stall_ms"] == 40.0
+
+
+@pytest.mark.parametrize("argv", [["--max-num-seqs", "0"], ["--max-num-batched-tokens", "-1"]])
+def test_bad_scheduler_flags_are_one_line_and_exit_2(argv, capsys):
+    assert main(["generate", "--prompt", "hi", "--kv-cache-memory", "16MiB", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("roofline: error: ") and err.count("\n") == 1 and "must be >= 1" in err, err
+
+
+def test_a_bad_stall_value_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--max-decode-stall-ms", "-5"])
+    assert exc.value.code == 2 and "positive number of milliseconds" in capsys.readouterr().err

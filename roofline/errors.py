@@ -1,6 +1,11 @@
 """User-facing error types: each says what was wrong and what to do, in one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 class RooflineError(ValueError):
     """Base class of every error a user can cause; the CLI prints it as one line and exits 2."""
 

@@ -209,9 +209,8 @@ class KVCacheManager:
 
     def can_swap_in(self, request: Request, num_new_tokens: int) -> bool:
         """True when the swapped KV and `num_new_tokens` more tokens all fit in free device blocks."""
-        num_swapped = len(self.swap_tables[request.request_id])
-        total = request.num_computed_tokens + num_new_tokens
-        return num_swapped + max(self.blocks_needed(total) - num_swapped, 0) <= self.pool.num_free
+        num_blocks = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
+        return max(num_blocks, len(self.swap_tables[request.request_id])) <= self.pool.num_free
 
     def swap_in(self, request: Request) -> list[tuple[int, int]] | None:
         """Bring swapped KV back to fresh device blocks; returns (swap block, device block) copies, None if short."""

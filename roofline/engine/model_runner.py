@@ -280,14 +280,14 @@ class ModelRunner:
         # prompt logprobs in slices: the [rows, vocab] logits of a long echo chunk are never held at once
         for start in range(0, len(prompt_rows), PROMPT_LOGPROB_SLICE):
             part = prompt_rows[start:start + PROMPT_LOGPROB_SLICE]
-            part_logits = self.model.compute_logits(hidden[torch.tensor([r.row for r in part], device=self.device)])
+            part_logits = self._logits(hidden, part)
             tops = [batch_state.states[r.request_id].sampling_params.prompt_logprobs for r in part]
             for r, entry in zip(part, prompt_logprobs(part_logits, [r.prompt_target for r in part], tops)):
                 result.prompt_logprobs.setdefault(r.request_id, []).append(entry)
         if not sample_rows:
             batch_state.advance(out, {})
             return result
-        logits = self.model.compute_logits(hidden[torch.tensor([r.row for r in sample_rows], device=self.device)])
+        logits = self._logits(hidden, sample_rows)
         row_logits, sampling_rows, owners = [], [], []
         for i, sample_row in enumerate(sample_rows):
             # a parent completing its prompt also samples the first token of each forked child
@@ -307,6 +307,10 @@ class ModelRunner:
             child = batch_state.fork(parent, rid, f.sampling_params, f.generator)
             child.token_ids.append(result.sampled[rid].token_id)
         return result
+
+    def _logits(self, hidden: torch.Tensor, rows: list) -> torch.Tensor:
+        """[len(rows), vocab] fp32 logits of the hidden states at these LogitsRows."""
+        return self.model.compute_logits(hidden[torch.tensor([r.row for r in rows], device=self.device)])
 
     def _bucket(self, out: SchedulerOutput) -> int | None:
         """The padded batch size of a compiled decode step, or None to run this step eagerly."""

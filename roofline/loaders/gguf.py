@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from roofline.config import ModelConfig
-from roofline.errors import ConfigError, ModelLoadError
+from roofline.errors import ConfigError, ModelLoadError, first_line
 from roofline.loaders.gguf_checks import check_vocab, describe, expected_dims
 from roofline.loaders.gguf_reader import read_gguf
 from roofline.loaders.tokenizer import TextTokenizer, TokenizerInfo, tokenizer_from_gguf_vocab
@@ -62,7 +62,7 @@ class GGUFFile:
         except ModelLoadError:
             raise
         except Exception as exc:  # damage the layout walk does not look for still gets one line
-            raise self._error(f"not a readable GGUF file ({type(exc).__name__}: {_first_line(exc)}); "
+            raise self._error(f"not a readable GGUF file ({type(exc).__name__}: {first_line(exc)}); "
                               f"is it truncated or corrupt?") from None
         self.metadata = self.reader.metadata
 
@@ -208,7 +208,7 @@ class GGUFFile:
         try:
             return [float(x) for x in quants.dequantize(t.data, t.tensor_type).reshape(-1)]
         except Exception as exc:
-            raise self._error(f"tensor rope_freqs.weight is unreadable ({_first_line(exc)})") from None
+            raise self._error(f"tensor rope_freqs.weight is unreadable ({first_line(exc)})") from None
 
     def tokenizer(self) -> TextTokenizer:
         """The model's tokenizer, rebuilt from the vocabulary metadata."""
@@ -269,17 +269,13 @@ class GGUFFile:
             try:
                 array = np.asarray(quants.dequantize(t.data, qtype), dtype=np.float32).reshape(shape)
             except Exception as exc:
-                raise self._error(f"tensor {t.name!r} is unreadable ({_first_line(exc)}); "
+                raise self._error(f"tensor {t.name!r} is unreadable ({first_line(exc)}); "
                                   f"is the file truncated?") from None
             tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
             if permuted and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                 heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
                 tensor = _unpermute_rope(tensor, heads)
             yield name, tensor.to(dtype)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _hf_name(gguf_name: str) -> str | None:

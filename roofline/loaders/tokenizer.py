@@ -14,7 +14,7 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from roofline.errors import InvalidRequestError, ModelLoadError
+from roofline.errors import InvalidRequestError, ModelLoadError, first_line
 
 # Split patterns for GGUF `tokenizer.ggml.pre` values: the regex the vocabulary's merges were learned on.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -46,7 +46,7 @@ def tokenizer_from_gguf_vocab(meta: dict) -> Tokenizer:
         raise
     except Exception as exc:  # the tokenizers library refusing the vocabulary: merges of unknown tokens, ...
         raise ModelLoadError(f"the tokenizer does not build from the GGUF vocabulary: "
-                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                             f"{first_line(exc)}") from None
 
 
 def _tokenizer_from_gguf_vocab(meta: dict) -> Tokenizer:

@@ -27,11 +27,16 @@ def now() -> int:
     return int(time.time())
 
 
+def check_model(model: str | None, config: ServerConfig) -> None:
+    """A 404 unless the request names the served model (or none)."""
+    if not config.serves(model):
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r} "
+                            f"(see GET /v1/models)", code="model_not_found", param="model")
+
+
 def check_request(req: SamplingFields, num_prompts: int, config: ServerConfig, has_logprobs: bool) -> None:
     """Reject what the engine cannot honour, with a message that says what to change."""
-    if not config.serves(req.model):
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {config.model_name!r} "
-                            f"(see GET /v1/models)", code="model_not_found", param="model")
+    check_model(req.model, config)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported; leave it out", code="unsupported_parameter",
                        param="logit_bias")

@@ -70,17 +70,18 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def stream() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            err = None
             try:
                 async for chunk in self.events:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except APIError as err:  # cut mid-way (the drain deadline, the engine gone): say so, then end
-                await send({"type": "http.response.body", "body": sse_event(error_body(err).decode()) + SSE_DONE,
-                            "more_body": True})
+            except APIError as exc:  # cut mid-way (the drain deadline, the engine gone): say so, then end
+                err = exc
             except (ClientGone, OSError, asyncio.CancelledError):
                 raise
             except Exception:  # a bug: logged once, and the client still gets an error event and an end
                 logger.exception("stream failed")
                 err = APIError(500, "the server failed while streaming this response", code="internal_error")
+            if err is not None:
                 await send({"type": "http.response.body", "body": sse_event(error_body(err).decode()) + SSE_DONE,
                             "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

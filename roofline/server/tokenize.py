@@ -9,17 +9,12 @@ from roofline.server.chat import conversation_of
 from roofline.server.context import ServingContext
 from roofline.server.errors import APIError
 from roofline.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-
-
-def _check_model(model: str | None, ctx: ServingContext) -> None:
-    if not ctx.config.serves(model):
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {ctx.config.model_name!r} "
-                            f"(see GET /v1/models)", code="model_not_found", param="model")
+from roofline.server.sampling import check_model
 
 
 async def tokenize(req: TokenizeRequest, ctx: ServingContext) -> TokenizeResponse:
     """The token ids the engine would see for this prompt or conversation."""
-    _check_model(req.model, ctx)
+    check_model(req.model, ctx.config)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", code="invalid_value", param="prompt")
     tok = ctx.tokenizer
@@ -40,7 +35,7 @@ async def tokenize(req: TokenizeRequest, ctx: ServingContext) -> TokenizeRespons
 
 async def detokenize(req: DetokenizeRequest, ctx: ServingContext) -> DetokenizeResponse:
     """The text of token ids (special tokens kept, as the engine saw them)."""
-    _check_model(req.model, ctx)
+    check_model(req.model, ctx.config)
     vocab = ctx.engine.engine.model_config.vocab_size
     bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
     if bad is not None:

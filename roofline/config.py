@@ -95,6 +95,9 @@ class CacheConfig:
             raise ConfigError(f"swap space must be >= 0, got {self.swap_space_bytes}")
 
 
+SCHEDULING_POLICIES = ("fifo", "priority", "slo")
+
+
 @dataclass
 class SchedulerConfig:
     """Batching limits of one engine step."""
@@ -107,8 +110,17 @@ class SchedulerConfig:
     # of a prompt token): a long prompt or an echo request then delays running streams by this much per
     # token, not by a full `max_num_batched_tokens` chunk. None: chunks use the whole budget
     max_decode_stall_ms: float | None = 250.0
+    # "fifo": arrival order; "priority": (priority, arrival); "slo": priority, then fair shares across tenants and
+    # TTFT deadlines, with admission, chunk sizing and preemption against latency targets (docs/scheduling.md)
+    scheduling: str = "slo"
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # tenant -> share weight (default 1)
 
     def __post_init__(self) -> None:
+        if self.scheduling not in SCHEDULING_POLICIES:
+            raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling!r}")
+        for tenant, weight in self.tenant_weights.items():
+            if not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+                raise ConfigError(f"tenant {tenant!r}: weight must be a number > 0, got {weight!r}")
         if self.max_decode_stall_ms is not None and not self.max_decode_stall_ms > 0:
             raise ConfigError(f"max_decode_stall_ms must be > 0 (or None), got {self.max_decode_stall_ms}")
         if self.max_num_seqs < 1:

@@ -24,3 +24,11 @@ class InvalidRequestError(RooflineError):
 
 class ContextOverflowError(InvalidRequestError):
     """A prompt (plus requested tokens) longer than the model's context."""
+
+
+class SLOUnattainableError(InvalidRequestError):
+    """A latency target the engine predicts it cannot meet even when idle (the server answers 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # predicted time until the engine is idle

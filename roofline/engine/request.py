@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from roofline.engine.fair_share import DEFAULT_TENANT
 from roofline.outputs import Logprob
 from roofline.sampling_params import SamplingParams
 
@@ -53,6 +54,8 @@ class Request:
     sample_index: int = 0  # which of the parent's n samples this is
     first_token_time: float | None = None
     first_scheduled_time: float | None = None  # when it first entered the running batch
+    finished_time: float | None = None  # when a stop condition ended it (not set on abort)
+    tenant: str = DEFAULT_TENANT  # who sent it (an API key's name), for fair shares
     _token_ids: list[int] = field(default_factory=list, repr=False)  # prompt + output, appended as they grow
 
     @property
@@ -79,6 +82,20 @@ class Request:
     def num_output_tokens(self) -> int:
         """Generated tokens so far."""
         return len(self.output_token_ids)
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        """When the first token is due (monotonic seconds), or None without a TTFT target."""
+        slo = self.sampling_params.slo
+        if slo is None or slo.ttft_ms is None:
+            return None
+        return self.arrival_time + slo.ttft_ms / 1e3
+
+    @property
+    def tpot_target_s(self) -> float | None:
+        """The mean time per output token asked for, in seconds, or None."""
+        slo = self.sampling_params.slo
+        return None if slo is None or slo.tpot_ms is None else slo.tpot_ms / 1e3
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -1,14 +1,22 @@
 """Scheduler: decides, each step, which requests run and how many tokens each (continuous batching).
 
 Running requests go first (one decode token each, or the next chunk of an unfinished prompt), then
-waiting requests in (priority, arrival) order, all within `max_num_batched_tokens` and
-`max_num_seqs`. Long prompts are split into chunks so decodes never stall behind them. When KV
-blocks run out, the lowest-priority running request is preempted: its blocks are swapped to CPU
-memory or freed for recomputation, whichever the cost estimate says is cheaper.
+waiting requests in the policy's order, all within `max_num_batched_tokens` and `max_num_seqs`.
+Long prompts are split into chunks so decodes never stall behind them. When KV blocks run out, the
+lowest-priority running request is preempted: its blocks are swapped to CPU memory or freed for
+recomputation, whichever the cost estimate says is cheaper.
+
+Policies (`SchedulerConfig.scheduling`): "fifo" runs in arrival order; "priority" in (priority,
+arrival) order; "slo" (the default) orders waiting requests by priority, then the tenant's fair
+share, then TTFT deadline, and uses the step-time model to admit a request only while running
+requests keep their TPOT targets, to cut prompt chunks to the tightest TPOT budget, and to preempt a
+lower class when a higher one would otherwise miss its TTFT (docs/scheduling.md).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from roofline.config import SchedulerConfig
+from roofline.engine.fair_share import TenantShares
 from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.request import Request, RequestStatus
+from roofline.engine.step_model import StepShape, StepTimeModel
 from roofline.sampling_params import SamplingParams
+
+logger = logging.getLogger("roofline")
+MIN_PREFILL_CHUNK = 16  # prompt tokens a step takes at least while a TPOT budget cuts chunks, so prompts advance
 
 
 @dataclass
@@ -116,14 +129,36 @@ def run_order(request: Request) -> tuple:
     return request.priority, request.arrival_time, request.sample_index, request.request_id
 
 
+def fifo_order(request: Request) -> tuple:
+    """Arrival order, a total order (the "fifo" policy)."""
+    return request.arrival_time, request.sample_index, request.request_id
+
+
+def slo_class(request: Request) -> tuple[int, bool]:
+    """A request's class in "slo" mode: its priority, and requests with a latency target before those without."""
+    return request.priority, request.sampling_params.slo is None
+
+
+def slo_run_order(request: Request) -> tuple:
+    """Running order in "slo" mode: class, then arrival (static, so the progress argument of run_order holds)."""
+    return *slo_class(request), request.arrival_time, request.sample_index, request.request_id
+
+
 class Scheduler:
     """Iteration-level scheduler over a waiting queue and a running set."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 preemption_policy: PreemptionPolicy = recompute_always) -> None:
+                 preemption_policy: PreemptionPolicy = recompute_always, step_model: StepTimeModel | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`step_model` predicts step times for the "slo" policy (without one it orders and shares only)."""
         self.config = config
         self.kv = kv
         self.preemption_policy = preemption_policy
+        self.step_model = step_model
+        self.clock = clock
+        self.shares = TenantShares(config.tenant_weights)
+        self.is_slo = config.scheduling == "slo"
+        self._running_order = {"fifo": fifo_order, "priority": run_order, "slo": slo_run_order}[config.scheduling]
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.pending_children: dict[str, list[Request]] = {}
@@ -138,20 +173,31 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a new request."""
+        self.shares.activate(request.tenant)
         self.waiting.append(request)
 
     def add_children(self, parent: Request, children: list[Request]) -> None:
         """Queue samples 2..n of `parent`; they fork off its KV once its prompt is computed."""
+        for child in children:
+            self.shares.activate(child.tenant)
         self.pending_children[parent.request_id] = children
+
+    def _waiting_order(self, request: Request) -> tuple:
+        if not self.is_slo:
+            return self._running_order(request)
+        deadline = request.ttft_deadline
+        return (*slo_class(request), self.shares.counter(request.tenant), math.inf if deadline is None else deadline,
+                request.arrival_time, request.sample_index, request.request_id)
 
     @property
     def num_unfinished(self) -> int:
         """Requests waiting, running or waiting to fork."""
         return len(self.waiting) + len(self.running) + sum(len(c) for c in self.pending_children.values())
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput, reason: str = "KV blocks ran out") -> None:
         self.running.remove(request)
         mode = self.preemption_policy(request)
+        logger.info("preempted %s (priority %d, %s): %s", request.request_id, request.priority, mode, reason)
         if mode == "swap" and self.kv.can_swap_out(request):
             out.swap_out.extend(self.kv.swap_out(request))
             request.is_swapped = True
@@ -177,14 +223,20 @@ class Scheduler:
         out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies, finished_ids=self._finished_ids)
         self._pending_copies, self._finished_ids = [], []
         budget = self.config.max_num_batched_tokens
+        self.waiting.sort(key=self._waiting_order)
+        if self.is_slo:
+            self._preempt_for_ttft(out)
         # 1. running requests, highest priority first; preempt from the back when blocks run out.
         # Decodes are never crowded out: a prompt chunk leaves a token for each decode behind it and,
-        # while any sequence decodes, all chunks together stay within prefill_chunk_limit tokens. A prompt
-        # that would take all the room takes half while requests wait, so a short one is not queued
-        # behind a long one for its whole prefill.
-        self.running.sort(key=run_order)
+        # while any sequence decodes, all chunks together stay within prefill_chunk_limit tokens (and, in
+        # slo mode, within the tightest TPOT budget). A prompt that would take all the room takes half
+        # while requests wait, so a short one is not queued behind a long one for its whole prefill.
+        self.running.sort(key=self._running_order)
         decodes_behind = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         prefill_room = min(self.prefill_chunk_limit or budget, budget) if decodes_behind else budget
+        if decodes_behind:
+            prefill_room = min(prefill_room, self._tpot_room(self.running, decodes_behind, budget))
+        ran_out = False  # blocks ran out for a running request: nothing waiting is admitted this step
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -205,6 +257,7 @@ class Scheduler:
             while not self.kv.allocate(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
+                ran_out = True
                 if victim is request:
                     break
             else:
@@ -213,11 +266,13 @@ class Scheduler:
                 if num_left > 1:
                     prefill_room -= num_new
                 i += 1
-        # 2. waiting requests, unless something was just preempted (no room to spare)
-        self.waiting.sort(key=run_order)
-        while self.waiting and budget > 0 and prefill_room > 0 and not out.preempted_ids \
+        # 2. waiting requests, unless blocks just ran out (no room to spare)
+        self.waiting.sort(key=self._waiting_order)
+        while self.waiting and budget > 0 and prefill_room > 0 and not ran_out \
                 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.is_slo and self.running and not self._keeps_tpot(request):
+                break  # one more sequence would slow running ones past their TPOT target
             if request.is_swapped:
                 # swapped KV comes back only with room for the tokens to compute: a request that took
                 # blocks and then failed to allocate would hold them while waiting, and wedge the cache
@@ -250,6 +305,85 @@ class Scheduler:
             num_forks += self._plan_fork(item, num_forks)
             self._hand_over(item, out)
         return out
+
+    # --- slo policy ------------------------------------------------------------------------------
+    def _predict_decode_s(self, requests: list[Request]) -> float | None:
+        """Predicted time of a decode step over `requests`, or None without a fitted model."""
+        if self.step_model is None:
+            return None
+        n = len(requests)
+        return self.step_model.predict(StepShape(n, n, sum(r.num_tokens for r in requests)))
+
+    def _keeps_tpot(self, request: Request, running: list[Request] | None = None) -> bool:
+        """True when decoding `request` alongside `running` keeps every TPOT target among them."""
+        group = [*(self.running if running is None else running), request]
+        targets = [t for r in group if (t := r.tpot_target_s) is not None]
+        if not targets:
+            return True
+        predicted = self._predict_decode_s(group)
+        return predicted is None or predicted <= min(targets)
+
+    def _tpot_room(self, running: list[Request], num_decodes: int, budget: int) -> int:
+        """Prompt tokens a step may add to its decodes and stay within the tightest running TPOT target."""
+        targets = [t for r in running if (t := r.tpot_target_s) is not None]
+        if not self.is_slo or not targets or self.step_model is None:
+            return budget
+        room = self.step_model.max_tokens_within(min(targets), len(running), num_decodes,
+                                                 sum(r.num_computed_tokens for r in running), budget)
+        return budget if room is None else max(room, MIN_PREFILL_CHUNK)
+
+    def _is_blocked(self, request: Request) -> bool:
+        """True when `request` could not be admitted now: no seat, too few free blocks, or TPOT targets."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return True
+        num_new = min(request.num_tokens - request.num_computed_tokens, self.config.max_num_batched_tokens)
+        if request.is_swapped:
+            if not self.kv.can_swap_in(request, num_new):
+                return True
+        elif self.kv.num_free_blocks < -(-(request.num_computed_tokens + num_new) // self.kv.block_size):
+            return True
+        return not self._keeps_tpot(request)
+
+    def _would_miss_ttft(self, request: Request, now: float) -> bool:
+        """True when waiting for a running request to finish would take `request` past its TTFT deadline."""
+        decode_s = self._predict_decode_s(self.running)
+        if decode_s is None:
+            return True  # no model yet: a blocked urgent request is taken as late
+        steps_to_seat = min(r.max_tokens - r.num_output_tokens for r in self.running)
+        prefill_s = self.step_model.prefill_seconds(request.num_tokens - request.num_computed_tokens,
+                                                    self.config.max_num_batched_tokens) or 0.0
+        return now + steps_to_seat * decode_s + prefill_s > request.ttft_deadline
+
+    def unattainable_reason(self, params: SamplingParams, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why `params.slo` cannot be met even on an idle engine, or None (also before the step model is fitted)."""
+        model, slo = self.step_model, params.slo
+        if model is None or slo is None:
+            return None
+        if slo.ttft_ms is not None:
+            ttft_s = model.prefill_seconds(num_prompt_tokens, self.config.max_num_batched_tokens)
+            if ttft_s is not None and ttft_s * 1e3 > slo.ttft_ms:
+                return (f"the TTFT target of {slo.ttft_ms:g} ms cannot be met even on an idle engine: a "
+                        f"{num_prompt_tokens}-token prompt takes about {ttft_s * 1e3:.0f} ms to prefill here")
+        if slo.tpot_ms is not None:
+            n = params.n
+            tpot_s = model.predict(StepShape(n, n, n * (num_prompt_tokens + max_tokens // 2)))
+            if tpot_s is not None and tpot_s * 1e3 > slo.tpot_ms:
+                return (f"the TPOT target of {slo.tpot_ms:g} ms cannot be met even on an idle engine: a decode "
+                        f"step of this request takes about {tpot_s * 1e3:.0f} ms here")
+        return None
+
+    def _preempt_for_ttft(self, out: SchedulerOutput) -> None:
+        """Preempt lower classes, lowest first, for waiting requests that would otherwise miss their TTFT."""
+        now = self.clock()
+        for request in list(self.waiting[:self.config.max_num_seqs]):
+            if request.ttft_deadline is None or request.first_token_time is not None or not self.running:
+                continue
+            victims = [r for r in reversed(self.running) if slo_class(r) > slo_class(request)]
+            if not victims or not self._is_blocked(request) or not self._would_miss_ttft(request, now):
+                continue
+            while victims and self._is_blocked(request):
+                self._preempt(victims.pop(0), out, f"{request.request_id} (priority {request.priority}) "
+                                                   f"would miss its TTFT target")
 
     def _hand_over(self, item: ScheduledRequest, out: SchedulerOutput) -> None:
         """Describe the item to the runner: everything when it is new to it, else what changed."""
@@ -287,6 +421,7 @@ class Scheduler:
         for item in out.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
+            self.shares.charge(request.tenant, item.num_new_tokens)
             for child in item.fork_children:
                 child.num_computed_tokens = request.num_computed_tokens
                 copy = self.kv.fork(request, child)
@@ -303,6 +438,8 @@ class Scheduler:
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Mark a request finished (stopped, length or aborted) and free its blocks at once."""
+        if not request.status.is_finished:
+            self.shares.release(request.tenant)
         request.status = status
         if request in self.running:
             self.running.remove(request)

@@ -25,7 +25,8 @@ class LLM:
                  swap_space: int = 2 << 30, show_progress: bool = False, quantization: str = "auto",
                  quantization_group_size: int = 32, kv_cache_dtype: str = "auto", kernels: str = "auto",
                  kernel_accuracy: str = "bf16", compile: bool = False, enforce_eager: bool = False,
-                 max_decode_stall_ms: float | None = 250.0) -> None:
+                 max_decode_stall_ms: float | None = 250.0, scheduling: str = "slo",
+                 tenant_weights: dict[str, float] | None = None) -> None:
         config = EngineConfig(
             model=model,
             device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads,
@@ -34,7 +35,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching, swap_space_bytes=swap_space),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len, preemption_mode=preemption_mode,
-                                      max_decode_stall_ms=max_decode_stall_ms),
+                                      max_decode_stall_ms=max_decode_stall_ms, scheduling=scheduling,
+                                      tenant_weights=dict(tenant_weights or {})),
             quant=QuantConfig(method=quantization, group_size=quantization_group_size,
                               kv_cache_dtype=kv_cache_dtype, kernels=kernels, kernel_accuracy=kernel_accuracy),
             seed=seed,

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from roofline.errors import ConfigError
+from roofline.server.slo import SLOClass, TenantSpec, check_classes
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 
@@ -22,6 +23,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # after SIGTERM, how long in-flight requests may take to finish
     retry_after_s: int = 1  # Retry-After sent with 429 (queue full) and 503 (draining)
     created: int = field(default_factory=lambda: int(time.time()))  # reported as the model's creation time
+    slo_classes: dict[str, SLOClass] = field(default_factory=dict)  # --slo-class: name -> targets and priority
+    tenants: dict[str, TenantSpec] = field(default_factory=dict)  # --tenant: API key (or user) -> weight, class
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -34,6 +37,7 @@ class ServerConfig:
             raise ConfigError(f"server: max_choices must be >= 1, got {self.max_choices}")
         if self.drain_timeout_s < 0:
             raise ConfigError(f"server: drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        check_classes(self.slo_classes, self.tenants)
         if self.retry_after_s < 0:
             raise ConfigError(f"server: retry_after_s must be >= 0, got {self.retry_after_s}")
 

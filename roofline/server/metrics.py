@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from roofline.engine.async_engine import AsyncEngine
+from roofline.sampling_params import SLO
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -71,7 +72,34 @@ class ServerMetrics:
             "roofline_batch_size",
             f"Sequences in the running batch, sampled every {BATCH_SAMPLE_INTERVAL_S} s while any run.",
             buckets=_BATCH_BUCKETS, registry=r)
+        self.slo_ttft = Histogram("roofline_slo_time_to_first_token_seconds",
+                                  "Time to first token by latency class (slo_class, or custom/none).",
+                                  ["slo_class"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.slo_tpot = Histogram("roofline_slo_time_per_output_token_seconds",
+                                  "Mean time per output token after the first, by latency class.",
+                                  ["slo_class"], buckets=_TOKEN_GAP_BUCKETS, registry=r)
+        self.slo_requests = Counter("roofline_slo_requests",
+                                    "Finished requests by latency class and outcome: attained, missed (a target "
+                                    "was not met), rejected (unattainable even on an idle engine), no_target.",
+                                    ["slo_class", "outcome"], registry=r)
         r.register(EngineCollector(engine))
+
+    def observe_slo(self, class_name: str, slo: SLO | None, start: float, first: float | None, end: float,
+                    num_tokens: int) -> None:
+        """Record a finished request's TTFT and TPOT under its class, and whether it met its targets."""
+        ttft = None if first is None else first - start
+        tpot = (end - first) / (num_tokens - 1) if first is not None and num_tokens > 1 else None
+        if ttft is not None:
+            self.slo_ttft.labels(class_name).observe(ttft)
+        if tpot is not None:
+            self.slo_tpot.labels(class_name).observe(tpot)
+        if slo is None:
+            outcome = "no_target"
+        else:
+            missed = (slo.ttft_ms is not None and (ttft is None or ttft * 1e3 > slo.ttft_ms)) or \
+                (slo.tpot_ms is not None and tpot is not None and tpot * 1e3 > slo.tpot_ms)
+            outcome = "missed" if missed else "attained"
+        self.slo_requests.labels(class_name, outcome).inc()
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text exposition format."""

@@ -55,6 +55,13 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class SLOTarget(_Request):
+    """`slo`: latency targets of one request, in milliseconds (docs/scheduling.md)."""
+
+    ttft_ms: float | None = Field(None, gt=0.0, lt=1e9)  # time to first token
+    tpot_ms: float | None = Field(None, gt=0.0, lt=1e9)  # mean time per output token after the first
+
+
 class SamplingFields(_Request):
     """Sampling fields common to both generation routes (OpenAI's, then roofline's extensions)."""
 
@@ -79,7 +86,13 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first
+    slo: SLOTarget | None = None  # latency targets, honoured by `--scheduling slo`
+    slo_class: str | None = Field(None, min_length=1, max_length=64)  # a class the server defines (--slo-class)
     processed_logprobs: bool = False  # also return each chosen token's logprob after sampling transforms
+    # structured outputs (docs/structured-outputs.md): OpenAI's response_format, or one of roofline's constraints
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_regex: str | None = None  # the whole output matches this regular expression
+    guided_grammar: str | None = None  # the output derives from this EBNF grammar (xgrammar's, `root ::= ...`)
 
     def stop_list(self) -> list[str]:
         """`stop` as a list."""
@@ -130,7 +143,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None  # accepted only when empty
     tool_choice: Any = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
 
 
 # --- responses ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from roofline.engine.llm_engine import LLMEngine
+from roofline.engine.stats import EngineStats
 from roofline.errors import RooflineError
 from roofline.outputs import CompletionOutput, RequestOutput
 from roofline.sampling_params import SamplingParams
@@ -75,6 +76,10 @@ class AsyncEngine:
     def num_active(self) -> int:
         """Requests not yet finished."""
         return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """The engine's snapshot (engine_stats), requests not yet seen by the engine thread counted as waiting."""
+        return replace(self.engine.engine_stats(), num_waiting=self.num_waiting)
 
     def is_alive(self) -> bool:
         """True while the engine thread runs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 
 import psutil
 import torch
@@ -15,6 +16,7 @@ from roofline.engine.model_runner import ModelRunner, configure_threads
 from roofline.engine.output_processor import OutputProcessor
 from roofline.engine.request import Request, RequestStatus
 from roofline.engine.scheduler import Scheduler, SchedulerOutput
+from roofline.engine.stats import EngineStats, StepCounters
 from roofline.errors import ContextOverflowError, InvalidRequestError
 from roofline.loaders import open_model
 from roofline.outputs import RequestOutput
@@ -75,6 +77,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self._seconds_per_token: float | None = None  # measured cost of a token in steps that prefill
+        self.step_counters = StepCounters()  # step totals and timings, for engine_stats()
         logger.info("model %s: %d parameters, %.1f MiB weights (%s on %s, %d threads)", config.model,
                     self.model_config.num_params, self.runner.weight_bytes / 2**20, self.runner.dtype,
                     self.runner.device, self.num_threads)
@@ -162,6 +165,7 @@ class LLMEngine:
     # --- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the outputs of every request that advanced."""
+        begun = time.perf_counter()
         plan: SchedulerOutput = self.scheduler.schedule()
         if not plan.scheduled and self.scheduler.num_unfinished:
             # the scheduler guarantees progress (see run_order); an empty plan with work waiting would hang
@@ -170,12 +174,16 @@ class LLMEngine:
                                f"wait (KV usage {self.kv.usage:.2f}): a scheduler bug")
         started = time.perf_counter()
         result = self.runner.execute(plan)
-        self._size_prefill_chunks(plan, time.perf_counter() - started)
+        executed = time.perf_counter()
+        self._size_prefill_chunks(plan, executed - started)
         sampled_ids = {rid: s.token_id for rid, s in result.sampled.items()}
         self.scheduler.update_from_output(plan, sampled_ids)
         samples = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
         self.num_generated_tokens += len(result.sampled)
-        return self.outputs.process(samples, result.prompt_logprobs, result.sampled)
+        outputs = self.outputs.process(samples, result.prompt_logprobs, result.sampled)
+        self.step_counters.record(len(plan.scheduled), plan.num_batched_tokens, started - begun, executed - started,
+                                  time.perf_counter() - executed)
+        return outputs
 
     def _size_prefill_chunks(self, plan: SchedulerOutput, seconds: float) -> None:
         """Cut prompt chunks, while sequences decode, to what fits in max_decode_stall_ms at the measured cost."""
@@ -188,6 +196,17 @@ class LLMEngine:
             0.5 * (self._seconds_per_token + per_token)
         budget = self.config.scheduler.max_num_batched_tokens
         self.scheduler.prefill_chunk_limit = min(budget, max(16, int(stall_ms / 1e3 / self._seconds_per_token)))
+
+    def engine_stats(self) -> EngineStats:
+        """A typed snapshot of the queue, batch, KV cache, token totals and step counters (for the dashboard)."""
+        running = list(self.scheduler.running)  # a copy: the engine thread may change the list meanwhile
+        return EngineStats(
+            num_running=len(running), num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_used=self.kv.num_blocks - self.kv.num_free_blocks, num_kv_blocks_total=self.kv.num_blocks,
+            prefix_cache_queried_tokens=self.kv.stats.queried_tokens, prefix_cache_hit_tokens=self.kv.stats.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions, num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens, num_context_tokens=sum(r.num_tokens for r in running),
+            steps=replace(self.step_counters))
 
     def stats(self) -> dict[str, float]:
         """Counters for logs and metrics."""

@@ -20,6 +20,7 @@ from roofline.server.chat import chat_events, chat_response, plan_chat
 from roofline.server.completions import completion_events, completion_response, plan_completion
 from roofline.server.config import ServerConfig
 from roofline.server.context import ServingContext
+from roofline.server.dashboard import DashboardSampler
 from roofline.server.errors import APIError, install_error_handlers
 from roofline.server.generation import GenerationStream
 from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -29,6 +30,7 @@ from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest
                                       ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
 from roofline.server.tokenize import detokenize, tokenize
+from roofline.server.ui import install_ui
 
 M = TypeVar("M", bound=BaseModel)
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only ever seen in metrics
@@ -129,14 +131,17 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncEngine (which the caller owns and shuts down)."""
     metrics = ServerMetrics(engine)
     ctx = ServingContext(engine, config, metrics)
+    dashboard = DashboardSampler(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         sampler = asyncio.create_task(metrics.sample_batch_size())
+        dashboard_sampler = asyncio.create_task(dashboard.run())
         try:
             yield
         finally:
             sampler.cancel()
+            dashboard_sampler.cancel()
 
     app = FastAPI(title="roofline", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   generate_unique_id_function=lambda route: route.name)  # operationIds: the handlers' names
@@ -198,5 +203,6 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    install_ui(app, ctx, dashboard)  # GET /, /dashboard, /dashboard/stats, /static/*
     app.add_middleware(GuardMiddleware, ctx=ctx, routes=tuple(app.routes))
     return app

@@ -3,7 +3,7 @@
 from roofline.errors import RooflineError
 from roofline.llm import LLM
 from roofline.outputs import CompletionOutput, Logprob, RequestOutput
-from roofline.sampling_params import SamplingParams
+from roofline.sampling_params import SamplingParams, StructuredSpec
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RooflineError"]
+__all__ = ["LLM", "SamplingParams", "StructuredSpec", "RequestOutput", "CompletionOutput", "Logprob", "RooflineError"]

@@ -44,7 +44,7 @@ class StructuredSpec:
                 raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise InvalidRequestError("a JSON schema must be a JSON object")
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(schema))  # key order kept: properties come out in it
 
     @classmethod
     def json_object(cls) -> StructuredSpec:

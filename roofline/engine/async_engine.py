@@ -92,6 +92,8 @@ class AsyncEngine:
             raise EngineDeadError(f"engine stopped: {self.error}")
         if self.max_queue is not None and self.num_waiting >= self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        if params.structured is not None:  # compiled here, off the engine thread (then cached for add_request)
+            await asyncio.to_thread(self.engine.grammar.compile, params.structured)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream, params)

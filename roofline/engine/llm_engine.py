@@ -17,6 +17,7 @@ from roofline.engine.output_processor import OutputProcessor
 from roofline.engine.request import Request, RequestStatus
 from roofline.engine.scheduler import Scheduler, SchedulerOutput
 from roofline.engine.stats import EngineStats, StepCounters
+from roofline.engine.structured import GrammarEngine, StructuredRows
 from roofline.errors import ContextOverflowError, InvalidRequestError
 from roofline.loaders import open_model
 from roofline.outputs import RequestOutput
@@ -49,6 +50,8 @@ class LLMEngine:
         self.model_config = source.model_config()
         self.tokenizer = source.tokenizer()
         self.runner = ModelRunner.load(source, config, progress)
+        self.grammar = GrammarEngine(self.tokenizer, self.model_config.vocab_size)  # structured outputs
+        self.runner.structured = StructuredRows(self.grammar)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or limit, limit)
         bs = config.cache.block_size
@@ -127,6 +130,8 @@ class LLMEngine:
             raise ContextOverflowError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
                 f"of {self.max_model_len} tokens")
+        if params.structured is not None:  # a bad schema or grammar is refused before anything is queued
+            self.grammar.compile(params.structured)
         max_tokens = params.max_tokens or room
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         samples = []

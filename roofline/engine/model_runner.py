@@ -17,6 +17,7 @@ from roofline.config import EngineConfig, ModelConfig
 from roofline.engine.input_batch import PersistentBatch, RequestState
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
+from roofline.engine.structured import StructuredRows
 from roofline.errors import ConfigError, ModelLoadError
 from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
@@ -139,6 +140,7 @@ class ModelRunner:
         self.kernel_report: KernelReport | None = None  # what the kernel probe measured and chose at load
         self.compiled_forward = None  # torch.compile'd model forward for static decode steps (enable_compile)
         self.decode_buckets: tuple[int, ...] = ()  # batch sizes decode steps are padded to when compiled
+        self.structured: StructuredRows | None = None  # grammar matchers of structured samples (set by the engine)
 
     @classmethod
     def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
@@ -265,6 +267,7 @@ class ModelRunner:
         """Run one step: take the scheduler's hand-off, move blocks, forward the flat batch, sample."""
         batch_state = self.batch
         batch_state.update(out)
+        self._update_structured(out)
         self._move_blocks(out)
         result = ModelRunnerOutput()
         if out.is_empty:
@@ -299,14 +302,40 @@ class ModelRunner:
                 sampling_rows.append(self._sampling_row(state, params, generator))
                 owners.append(rid)
         if row_logits:
-            sampled = self.sampler(logits[row_logits], sampling_rows)
+            structured = self.structured
+            mask = None
+            if structured is not None and (structured or out.forks):
+                for f in (f for fs in out.forks.values() for f in fs if f.sampling_params.structured is not None):
+                    structured.add(f.request_id, f.sampling_params.structured, [])  # a fork starts its own matcher
+                mask = structured.token_mask(owners) if structured else None
+            sampled = self.sampler(logits[row_logits], sampling_rows, mask)
             result.sampled = dict(zip(owners, sampled))
+            if mask is not None:
+                for i in mask.rows:
+                    sampled[i].is_grammar_end = structured.accept(owners[i], sampled[i].token_id)
         forked = {f.request_id: (parent, f) for parent, fs in out.forks.items() for f in fs}
         batch_state.advance(out, {rid: s.token_id for rid, s in result.sampled.items() if rid not in forked})
         for rid, (parent, f) in forked.items():
             child = batch_state.fork(parent, rid, f.sampling_params, f.generator)
             child.token_ids.append(result.sampled[rid].token_id)
         return result
+
+    def _update_structured(self, out: SchedulerOutput) -> None:
+        """Drop the matchers of finished and preempted samples; build one for each structured request taken on.
+
+        A request resumed after a preemption arrives with its tokens so far: its matcher is rebuilt over them,
+        so the mask always follows the tokens the request holds.
+        """
+        structured = self.structured
+        if structured is None:
+            return
+        if structured:
+            for rid in [*out.finished_ids, *out.preempted_ids]:
+                structured.remove(rid)
+        for new in out.new_requests:
+            spec = new.sampling_params.structured
+            if spec is not None:
+                structured.add(new.request_id, spec, new.token_ids[new.num_prompt_tokens:])
 
     def _logits(self, hidden: torch.Tensor, rows: list) -> torch.Tensor:
         """[len(rows), vocab] fp32 logits of the hidden states at these LogitsRows."""

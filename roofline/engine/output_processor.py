@@ -2,8 +2,9 @@
 
 It owns the user-facing side of every request: the group of n samples a request id stands for, an
 incremental detokenizer per sample, and the stop checks (EOS and stop token ids, stop strings found
-in the tail of the text only, max_tokens and the context limit). The engine hands it each step's
-sampled tokens; it reports which samples finished so the scheduler can free their blocks.
+in the tail of the text only, a structured output's grammar ending, max_tokens and the context
+limit). The engine hands it each step's sampled tokens; it reports which samples finished so the
+scheduler can free their blocks.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class OutputProcessor:
             req = samples[rid]
             if req.sampling_params.logprobs is not None:
                 req.logprobs.append(self._logprob_dict(token, token.token_id))
-            self._add_token(group, req, token.token_id)
+            self._add_token(group, req, token.token_id, token.is_grammar_end)
             touched[group.request_id] = group
         outputs = [self._make_output(g) for g in touched.values()]
         for out in outputs:
@@ -90,7 +91,7 @@ class OutputProcessor:
         d[token_id].processed_logprob = s.processed_logprob
         return d
 
-    def _add_token(self, group: RequestGroup, req: Request, token: int) -> None:
+    def _add_token(self, group: RequestGroup, req: Request, token: int, is_grammar_end: bool = False) -> None:
         i = req.sample_index
         out = group.outputs[i]
         params = req.sampling_params
@@ -98,7 +99,8 @@ class OutputProcessor:
         out.token_ids = req.output_token_ids
         out.text += delta
         status = None
-        if token in req.eos_token_ids or token in params.stop_token_ids:
+        # a structured output ends when its grammar does (on an EOS id, which it is stripped like)
+        if token in req.eos_token_ids or token in params.stop_token_ids or is_grammar_end:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
             if delta and not params.include_stop_str_in_output:
                 out.text = out.text[: len(out.text) - len(delta)]

@@ -2,7 +2,8 @@
 
 Logprobs contract: reported logprobs are the log-softmax of the *raw* logits (before penalties,
 temperature and truncation). The processed distribution's logprob of the chosen token is
-available on request as `processed_logprob`.
+available on request as `processed_logprob`. A structured output's grammar mask is a processing step
+like top-k: it shapes what is drawn and the processed logprob, never the raw logprobs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from roofline.engine.structured import TokenMask, apply_token_mask
 from roofline.sampling_params import SamplingParams
 
 
@@ -34,6 +36,7 @@ class SampledToken:
     top_ids: list[int]  # top-N alternatives under the raw distribution
     top_logprobs: list[float]
     processed_logprob: float | None
+    is_grammar_end: bool = False  # the request's structured-output grammar terminated with this token
 
 
 def _padded(id_lists: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -98,8 +101,9 @@ class Sampler:
     tensor values), so the only device-to-host transfer is the one packed result per call.
     """
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
-        # logits [N, V] fp32
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 mask: TokenMask | None = None) -> list[SampledToken]:
+        # logits [N, V] fp32; mask: the grammar-allowed tokens of the structured rows
         params = [r.params for r in rows]
         device = logits.device
         num_top = [p.logprobs for p in params]
@@ -107,6 +111,8 @@ class Sampler:
         want_logprobs = any(n is not None for n in num_top)
         want_processed = any(p.processed_logprobs for p in params)
         raw = logits
+        if mask is not None:  # before penalties and temperature: the draw and the argmax see allowed tokens only
+            logits = apply_token_mask(logits, mask)
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
             logits = apply_penalties(logits.clone(), rows)
         chosen = logits.argmax(dim=-1)  # [N]

@@ -131,6 +131,10 @@ def _count(text: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
+    if getattr(args, "data_parallel_size", 1) > 1:  # replicas in child processes behind a router
+        from roofline.parallel.serve import cmd_serve_data_parallel
+
+        return cmd_serve_data_parallel(args)
     from roofline.cli import _make_llm
     from roofline.engine.async_engine import AsyncEngine
     from roofline.server.app import create_app
@@ -184,4 +188,7 @@ def add_serve_parser(subparsers) -> None:
                    help="largest request body, e.g. 4MiB (default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--data-parallel-size", type=_count, default=1, metavar="N",
+                   help="N engine replicas, each its own process, behind one router (default 1: one engine in "
+                        "this process); --threads is then per replica (default: cores // N)")
     p.set_defaults(func=cmd_serve)

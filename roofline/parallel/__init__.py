@@ -1,0 +1,1 @@
+"""Parallelism: data-parallel engine replicas behind a router (router, replicas, proxy)."""

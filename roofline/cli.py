@@ -125,11 +125,18 @@ def _sampling(args: argparse.Namespace, **extra):
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate one completion and print it (or JSON with --json)."""
     params = _sampling(args, logprobs=args.logprobs)
+    from roofline.engine.profiler import check_trace_path, chrome_trace
+
+    trace_path = check_trace_path(args.profile) if args.profile else None  # a bad path fails before the model loads
     llm = _make_llm(args)
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
-    else:
-        out = llm.generate(args.prompt, params)[0]
+    with chrome_trace(trace_path):
+        if args.chat:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+        else:
+            out = llm.generate(args.prompt, params)[0]
+    if trace_path is not None:
+        print(f"roofline: wrote a profiler trace of the generation to {trace_path} (Chrome trace JSON: open it in "
+              f"Perfetto or chrome://tracing)", file=sys.stderr)
     completion = out.outputs[0]
     if args.json:
         record = {
@@ -234,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--logprobs", type=int, default=None, help="report top-N logprobs per token")
     gen.add_argument("--json", action="store_true", help="print one JSON record")
+    gen.add_argument("--profile", default=None, metavar="TRACE.json",
+                     help="write a torch profiler trace (Chrome trace JSON) of the generation to this file")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with streamed replies")

@@ -48,3 +48,23 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time: float | None = None  # seconds from arrival until first scheduled; None while still queued
+    # engine timestamps (time.monotonic() seconds; the first sample's, the last to finish for finished_time) that
+    # traces split into queue, prefill and decode phases; None until reached
+    arrival_time: float | None = None  # the engine took the request
+    first_scheduled_time: float | None = None  # it first entered the running batch: the queue phase ends
+    first_token_time: float | None = None  # its first token was sampled: the prefill phase ends
+    finished_time: float | None = None  # its last sample stopped: the decode phase ends
+
+    @property
+    def prefill_time(self) -> float | None:
+        """Seconds from first scheduled to the first token; None until then."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
+
+    @property
+    def decode_time(self) -> float | None:
+        """Seconds from the first token to the finish; None until finished."""
+        if self.first_token_time is None or self.finished_time is None:
+            return None
+        return self.finished_time - self.first_token_time

@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Protocol
 
 from roofline.engine.llm_engine import LLMEngine
 from roofline.engine.stats import EngineStats
@@ -46,6 +47,20 @@ def _snapshot(out: RequestOutput, params: SamplingParams) -> RequestOutput:
     return replace(out, outputs=outputs)
 
 
+class StepHook(Protocol):
+    """Work the engine thread runs around its steps until done (the profiler of POST /debug/profile)."""
+
+    is_done: bool
+
+    def before_step(self) -> None: ...
+
+    def after_step(self) -> None: ...
+
+    def poll(self) -> None: ...  # called while the engine is idle
+
+    def cancel(self, exc: BaseException) -> None: ...  # the engine stopped
+
+
 class AsyncEngine:
     """Thread-backed asynchronous front of an LLMEngine."""
 
@@ -59,6 +74,7 @@ class AsyncEngine:
         self._pending = 0  # requests in the inbox, not yet seen by the engine thread
         self._lock = threading.Lock()
         self.error: BaseException | None = None
+        self._step_hooks: list[StepHook] = []  # added from any thread; run and dropped by the engine thread
         self._thread = threading.Thread(target=self._loop, name="roofline-engine", daemon=True)
         self._thread.start()
 
@@ -130,6 +146,30 @@ class AsyncEngine:
             self.abort(rid)
         return len(request_ids)
 
+    def add_step_hook(self, hook: StepHook) -> None:
+        """Run `hook` on the engine thread around the coming steps (and while idle) until hook.is_done."""
+        if not self.is_alive() or self._stopping:
+            raise EngineDeadError(f"engine stopped: {self.error or 'shut down'}")
+        with self._lock:
+            self._step_hooks.append(hook)
+        self._wake.set()
+
+    def _live_hooks(self) -> list[StepHook]:
+        with self._lock:
+            self._step_hooks = [h for h in self._step_hooks if not h.is_done]
+            return list(self._step_hooks)
+
+    def _step(self) -> list[RequestOutput]:
+        """One engine step, with the step hooks around it."""
+        hooks = self._live_hooks()
+        for hook in hooks:
+            hook.before_step()
+        try:
+            return self.engine.step()
+        finally:
+            for hook in hooks:
+                hook.after_step()
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the engine thread (requests still running are aborted)."""
         self._stopping = True
@@ -172,14 +212,20 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    for hook in self._live_hooks():
+                        hook.poll()
                     self._wake.wait(0.1)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                for out in self._step():
                     self._deliver(out.request_id, out)
             self.engine.abort(list(self.engine.groups))
+            for hook in self._live_hooks():
+                hook.cancel(EngineDeadError("engine stopped: shut down"))
         except BaseException as exc:  # an engine bug: fail every caller rather than hang them
             logger.exception("engine loop failed")
             self.error = exc
+            for hook in self._live_hooks():
+                hook.cancel(EngineDeadError(f"engine stopped: {exc}"))
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine stopped: {exc}"))

@@ -9,6 +9,7 @@ scheduler can free their blocks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +120,7 @@ class OutputProcessor:
         if params.logprobs is not None:
             out.logprobs = req.logprobs
         if status is not None:
+            req.finished_time = time.monotonic()
             out.finish_reason = status.value
             out.stop_reason = req.stop_reason
             self.finish(req, status)
@@ -135,4 +137,9 @@ class OutputProcessor:
             num_cached_tokens=first.num_cached_tokens,
             queue_time=None if first.first_scheduled_time is None
             else first.first_scheduled_time - first.arrival_time,
+            arrival_time=first.arrival_time,
+            first_scheduled_time=first.first_scheduled_time,
+            first_token_time=first.first_token_time,
+            finished_time=max((r.finished_time for r in group.samples if r.finished_time is not None), default=None)
+            if group.finished else None,
         )

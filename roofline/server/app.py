@@ -30,6 +30,8 @@ from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest
                                       ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
 from roofline.server.tokenize import detokenize, tokenize
+from roofline.server.profiling import ProfilingConfig, install_profiling
+from roofline.server.tracing import RequestTracer, TracingMiddleware
 from roofline.server.ui import install_ui
 
 M = TypeVar("M", bound=BaseModel)
@@ -127,8 +129,12 @@ def openapi_schema(app: FastAPI, config: ServerConfig) -> dict:
     return schema
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """The OpenAI-compatible app over a running AsyncEngine (which the caller owns and shuts down)."""
+def create_app(engine: AsyncEngine, config: ServerConfig, tracer: RequestTracer | None = None,
+               profiling: ProfilingConfig | None = None) -> FastAPI:
+    """The OpenAI-compatible app over a running AsyncEngine (which the caller owns and shuts down).
+
+    `tracer`: spans of chat/completion requests (--otlp-traces-endpoint); `profiling`: POST /debug/profile.
+    """
     metrics = ServerMetrics(engine)
     ctx = ServingContext(engine, config, metrics)
     dashboard = DashboardSampler(engine)
@@ -204,5 +210,9 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     install_ui(app, ctx, dashboard)  # GET /, /dashboard, /dashboard/stats, /static/*
+    if profiling is not None:
+        install_profiling(app, ctx, profiling)  # POST /debug/profile
     app.add_middleware(GuardMiddleware, ctx=ctx, routes=tuple(app.routes))
+    if tracer is not None:  # added last, so outermost: refusals (401, 413, 429, 503) are traced too
+        app.add_middleware(TracingMiddleware, tracer=tracer, model_name=config.model_name)
     return app

@@ -129,8 +129,24 @@ def _count(text: str) -> int:
     return value
 
 
+def observability(args: argparse.Namespace):
+    """(RequestTracer | None, ProfilingConfig | None) as the flags ask; a bad flag or missing package: RooflineError."""
+    from roofline.server.profiling import ProfilingConfig, profile_dir
+    from roofline.server.tracing import RequestTracer
+
+    if getattr(args, "data_parallel_size", 1) > 1 and (args.otlp_traces_endpoint or args.enable_profiling):
+        raise RooflineError("--otlp-traces-endpoint and --enable-profiling work on one engine for now; leave out "
+                            "--data-parallel-size")
+    if args.profile_dir is not None and not args.enable_profiling:
+        raise RooflineError("--profile-dir needs --enable-profiling")
+    tracer = RequestTracer.to_otlp(args.otlp_traces_endpoint) if args.otlp_traces_endpoint else None
+    profiling = ProfilingConfig(profile_dir(args.profile_dir)) if args.enable_profiling else None
+    return tracer, profiling
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
+    tracer, profiling = observability(args)  # before the model loads: a missing package fails at once
     if getattr(args, "data_parallel_size", 1) > 1:  # replicas in child processes behind a router
         from roofline.parallel.serve import cmd_serve_data_parallel
 
@@ -153,15 +169,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         llm = _make_llm(args)
         engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
         try:
-            app = create_app(engine, config)
+            app = create_app(engine, config, tracer=tracer, profiling=profiling)
             uv_config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=_GRACE_AFTER_DRAIN_S,
                                        access_log=args.access_log)
             server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout, engine.cancel_all)
             print(f"roofline: serving {config.model_name} on http://{args.host}:{sock.getsockname()[1]}/v1 "
                   f"(context {llm.engine.max_model_len} tokens)", flush=True)
+            if profiling is not None:
+                print(f"roofline: profiling on: POST /debug/profile?steps=N writes traces to {profiling.profile_dir}",
+                      flush=True)
             server.run(sockets=[sock])
         finally:
             engine.shutdown()
+            if tracer is not None:
+                tracer.shutdown()  # sends the spans still buffered
     return 0
 
 
@@ -188,6 +209,13 @@ def add_serve_parser(subparsers) -> None:
                    help="largest request body, e.g. 4MiB (default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="send an OpenTelemetry span per chat/completion request (queue, prefill, decode) over "
+                        "OTLP/HTTP, e.g. http://localhost:4318/v1/traces (needs pip install 'roofline[otel]')")
+    p.add_argument("--enable-profiling", action="store_true",
+                   help="serve POST /debug/profile?steps=N: a torch profiler trace of the next N engine steps")
+    p.add_argument("--profile-dir", default=None, metavar="DIR",
+                   help="where /debug/profile writes traces (default: a new temporary folder)")
     p.add_argument("--data-parallel-size", type=_count, default=1, metavar="N",
                    help="N engine replicas, each its own process, behind one router (default 1: one engine in "
                         "this process); --threads is then per replica (default: cores // N)")

@@ -19,6 +19,7 @@ from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
 from roofline.server.errors import APIError
 from roofline.server.metrics import ServerMetrics
+from roofline.server.tracing import current_trace
 
 Prompt = str | list[int]
 
@@ -66,6 +67,9 @@ class GenerationStream:
         self._tasks: list[asyncio.Task] = []
         self._timings: list[_Timing] = []
         self._num_finished = 0
+        self.trace = current_trace()  # the request's span (serve --otlp-traces-endpoint), else None
+        if self.trace is not None:
+            self.trace.add_stream(self)
 
     async def __aenter__(self) -> GenerationStream:
         now = time.monotonic()
@@ -97,6 +101,8 @@ class GenerationStream:
         i, item = await self._queue.get()
         if isinstance(item, BaseException):
             err = engine_error(item, self.retry_after_s, self.param)
+            if self.trace is not None:
+                self.trace.record_error(err if err is not None else item)
             raise err if err is not None else item
         self._observe(i, item)
         self.latest[i] = item

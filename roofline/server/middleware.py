@@ -16,7 +16,8 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError, BodyTooLarge, error_body, too_large
 
 API_PREFIX = "/v1/"
-GUARDED_PATHS = ("/tokenize", "/detokenize")  # outside /v1 (vLLM's paths) but API work: keyed and drained alike
+GUARDED_PATHS = ("/tokenize", "/detokenize",  # outside /v1 (vLLM's paths) but API work: keyed and drained alike
+                 "/debug/profile")  # (serve --enable-profiling) keyed too: it slows the engine while it records
 UNKNOWN_ROUTE = "other"  # the metrics label of a path no route serves
 
 

@@ -54,8 +54,11 @@ def _free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve(llm, max_queue: int = 256, **config):
-    """`llm` served on 127.0.0.1:<free port> by uvicorn in a thread, until the block ends."""
+def serve(llm, max_queue: int = 256, app_options: dict | None = None, **config):
+    """`llm` served on 127.0.0.1:<free port> by uvicorn in a thread, until the block ends.
+
+    `app_options`: more create_app keywords (tracer, profiling).
+    """
     from roofline.engine.async_engine import AsyncEngine
     from roofline.server import ServerConfig, create_app
     from roofline.server.commands import served_model_name
@@ -63,7 +66,7 @@ def serve(llm, max_queue: int = 256, **config):
     engine = AsyncEngine(llm.engine, max_queue=max_queue)
     config = ServerConfig(**{"model_name": served_model_name("default"), "api_keys": API_KEYS,
                              "max_body_bytes": 1 << 20, **config})
-    app = create_app(engine, config)
+    app = create_app(engine, config, **(app_options or {}))
     sock = _free_socket()
     port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))

@@ -46,6 +46,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-decode-stall-ms", type=_stall_ms, default=250.0,
                    help="while sequences decode, cut prompt chunks so a step takes about this long (default 250; "
                         "'none': whole-budget chunks)")
+    p.add_argument("--scheduling", default="slo", choices=["fifo", "priority", "slo"],
+                   help="fifo: arrival order; priority: (priority, arrival); slo (default): priority, fair shares "
+                        "across tenants, and latency targets (docs/scheduling.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -94,7 +97,8 @@ def _make_llm(args: argparse.Namespace):
                kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
                compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty(),
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_decode_stall_ms=args.max_decode_stall_ms)
+               max_decode_stall_ms=args.max_decode_stall_ms, scheduling=args.scheduling,
+               tenant_weights=getattr(args, "tenant_weights", None))
 
 
 # chat-request field -> the argument that sets it; the chat route's limits are the CLI's (max_tokens >= 1)

@@ -102,7 +102,7 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and iterate its snapshots; leaving early aborts it."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped: {self.error}")
@@ -115,7 +115,7 @@ class AsyncEngine:
         self._streams[request_id] = (loop, stream, params)
         with self._lock:
             self._pending += 1
-        self._inbox.put(("add", request_id, prompt, params, priority))
+        self._inbox.put(("add", request_id, prompt, params, priority, tenant))
         self._wake.set()
         finished = False
         try:
@@ -195,13 +195,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params, priority = msg
+                _, rid, prompt, params, priority, tenant = msg
                 with self._lock:
                     self._pending -= 1
                 if rid not in self._streams:  # the caller left before we saw it
                     continue
                 try:
-                    self.engine.add_request(rid, prompt, params, priority)
+                    self.engine.add_request(rid, prompt, params, priority, tenant)
                 except Exception as exc:  # bad input is reported to its caller only
                     self._deliver(rid, exc)
             else:

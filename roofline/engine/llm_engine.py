@@ -16,9 +16,10 @@ from roofline.engine.model_runner import ModelRunner, configure_threads
 from roofline.engine.output_processor import OutputProcessor
 from roofline.engine.request import Request, RequestStatus
 from roofline.engine.scheduler import Scheduler, SchedulerOutput
-from roofline.engine.stats import EngineStats, StepCounters
 from roofline.engine.structured import GrammarEngine, StructuredRows
-from roofline.errors import ContextOverflowError, InvalidRequestError
+from roofline.engine.stats import EngineStats, StepCounters
+from roofline.engine.step_model import StepShape, StepTimeModel
+from roofline.errors import ContextOverflowError, InvalidRequestError, SLOUnattainableError
 from roofline.loaders import open_model
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
@@ -73,7 +74,8 @@ class LLMEngine:
             self.runner.enable_compile()
             self.runner.warm_up_compiled()
         self.kv = KVCacheManager(num_blocks, bs, config.cache.enable_prefix_caching, num_swap)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode)
+        self.step_model = StepTimeModel()  # fitted to this engine's own steps as they run
+        self.scheduler = Scheduler(config.scheduler, self.kv, self._preemption_mode, self.step_model)
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len, self.scheduler.finish)
         self.groups = self.outputs.groups  # user request id -> its samples and outputs
         self._seed_counter = itertools.count()
@@ -117,8 +119,12 @@ class LLMEngine:
         return None, ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0) -> None:
-        """Queue a request (text or token ids); raises InvalidRequestError/ContextOverflowError on bad input."""
+                    priority: int = 0, tenant: str | None = None) -> None:
+        """Queue a request (text or token ids); raises InvalidRequestError/ContextOverflowError on bad input.
+
+        `tenant` names who sent it (an API key) for fair shares; SLOUnattainableError when its latency
+        target cannot be met even on an idle engine ("slo" scheduling).
+        """
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
@@ -133,6 +139,10 @@ class LLMEngine:
         if params.structured is not None:  # a bad schema or grammar is refused before anything is queued
             self.grammar.compile(params.structured)
         max_tokens = params.max_tokens or room
+        if params.slo is not None and self.scheduler.is_slo:
+            reason = self.scheduler.unattainable_reason(params, len(ids), max_tokens)
+            if reason is not None:
+                raise SLOUnattainableError(reason)
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         samples = []
         for i in range(params.n):
@@ -143,6 +153,8 @@ class LLMEngine:
             r = Request(f"{request_id}#{i}" if params.n > 1 else request_id, ids, params, max_tokens, eos,
                         priority=priority, generator=gen, sample_index=i,
                         parent_id=request_id if i else None)
+            if tenant:
+                r.tenant = tenant
             if params.prompt_logprobs is not None:
                 r.prompt_logprobs = [None]
             samples.append(r)
@@ -177,6 +189,8 @@ class LLMEngine:
             # every caller silently, so it fails loudly instead
             raise RuntimeError(f"the scheduler planned nothing while {self.scheduler.num_unfinished} request(s) "
                                f"wait (KV usage {self.kv.usage:.2f}): a scheduler bug")
+        shape = StepShape(len(plan.scheduled), plan.num_batched_tokens,
+                          sum(item.request.num_computed_tokens for item in plan.scheduled))
         started = time.perf_counter()
         result = self.runner.execute(plan)
         executed = time.perf_counter()
@@ -186,6 +200,7 @@ class LLMEngine:
         samples = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
         self.num_generated_tokens += len(result.sampled)
         outputs = self.outputs.process(samples, result.prompt_logprobs, result.sampled)
+        self.step_model.observe(shape, time.perf_counter() - begun)  # what a running stream waits per step
         self.step_counters.record(len(plan.scheduled), plan.num_batched_tokens, started - begun, executed - started,
                                   time.perf_counter() - executed)
         return outputs

@@ -55,7 +55,6 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None  # when it first entered the running batch
     finished_time: float | None = None  # when a stop condition ended it (not set on abort)
-    finished_time: float | None = None  # when a stop condition ended it (not set on abort)
     tenant: str = DEFAULT_TENANT  # who sent it (an API key's name), for fair shares
     _token_ids: list[int] = field(default_factory=list, repr=False)  # prompt + output, appended as they grow
 

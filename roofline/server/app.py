@@ -25,6 +25,7 @@ from roofline.server.errors import APIError, install_error_handlers
 from roofline.server.generation import GenerationStream
 from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
 from roofline.server.middleware import API_PREFIX, GUARDED_PATHS, GuardMiddleware
+from roofline.server.slo import Job, resolve_job
 from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                       CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                       ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -97,6 +98,12 @@ async def _respond(request: Request, stream: GenerationStream, is_streaming: boo
     return EventStreamResponse(events(), on_close=stream.aclose)
 
 
+def job_of(req, request: Request, config: ServerConfig) -> Job:
+    """Priority, latency targets and tenant of a generation request (server classes and tenants applied)."""
+    return resolve_job(req, config.slo_classes, config.tenants, bool(config.api_keys),
+                       request.headers.get("authorization", "").encode() or None)
+
+
 def _documented(response: type[BaseModel], body: type[BaseModel] | None = None,
                 chunk: type[BaseModel] | None = None) -> dict:
     """Route keywords that put in the OpenAPI schema what a handler does itself: its body, its answer, errors."""
@@ -165,6 +172,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig, tracer: RequestTracer 
     async def create_completion(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
         plan = plan_completion(req, ctx)
+        plan.stream.assign(job_of(req, request, config))
         return await _respond(request, plan.stream, req.stream, lambda: completion_response(plan, ctx),
                               lambda: completion_events(plan, ctx))
 
@@ -173,6 +181,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig, tracer: RequestTracer 
     async def create_chat_completion(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
         plan = await plan_chat(req, ctx)
+        plan.stream.assign(job_of(req, request, config))
         return await _respond(request, plan.stream, req.stream, lambda: chat_response(plan, ctx),
                               lambda: chat_events(plan, ctx))
 

@@ -159,9 +159,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = list(args.api_key)
     if os.environ.get("ROOFLINE_API_KEY"):
         keys.append(os.environ["ROOFLINE_API_KEY"])
+    from roofline.server.slo import parse_slo_class, parse_tenant, tenant_weights
+
+    classes = {c.name: c for c in map(parse_slo_class, args.slo_class)}
+    tenants = dict(map(parse_tenant, args.tenant))
     config = ServerConfig(model_name=args.served_model_name or served_model_name(args.model),
                           model_aliases=("default", args.model), api_keys=tuple(keys),
-                          max_body_bytes=args.max_body_size, drain_timeout_s=args.drain_timeout)
+                          max_body_bytes=args.max_body_size, drain_timeout_s=args.drain_timeout,
+                          slo_classes=classes, tenants=tenants)
+    args.tenant_weights = tenant_weights(tenants, bool(keys))
     if not keys and not _is_loopback(args.host):
         logger.warning("listening on %s with no API key: anyone who can reach it may use it "
                        "(set --api-key or $ROOFLINE_API_KEY)", args.host)
@@ -197,6 +203,11 @@ def add_serve_parser(subparsers) -> None:
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--slo-class", action="append", default=[], metavar="NAME=ttft:1s,tpot:100ms,priority:0",
+                   help="a latency class requests (slo_class) or tenants can name; repeatable (docs/scheduling.md)")
+    p.add_argument("--tenant", action="append", default=[], metavar="NAME=weight:2,class:NAME",
+                   help="a tenant's fair-share weight and default class; NAME is an API key when the server has "
+                        "keys, else a request's `user`; repeatable")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept this bearer key on /v1 (repeatable; also $ROOFLINE_API_KEY); none: no auth")
     p.add_argument("--max-queue", type=_count, default=DEFAULT_MAX_QUEUE,

@@ -8,26 +8,31 @@ stream (the client left, or an error) cancels those tasks, which aborts their en
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from roofline.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestCancelledError
-from roofline.errors import ContextOverflowError, InvalidRequestError
+from roofline.errors import ContextOverflowError, InvalidRequestError, SLOUnattainableError
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
 from roofline.server.errors import APIError
 from roofline.server.metrics import ServerMetrics
+from roofline.server.slo import NO_CLASS, Job
 from roofline.server.tracing import current_trace
 
 Prompt = str | list[int]
+logger = logging.getLogger("roofline")
 
 
 def engine_error(exc: BaseException, retry_after_s: int, param: str = "prompt") -> APIError | None:
     """The APIError for an error the engine raised, or None when it is not one a client caused."""
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(exc, SLOUnattainableError):  # before InvalidRequestError, its base
+        return APIError(429, str(exc), code="slo_unattainable", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), code="context_length_exceeded", param=param)
     if isinstance(exc, InvalidRequestError):
@@ -45,6 +50,7 @@ class _Timing:
     def __init__(self, start: float) -> None:
         self.start = start
         self.last: float | None = None  # time of the latest snapshot
+        self.first: float | None = None  # time of the first generated token
         self.num_tokens = 0
 
 
@@ -67,9 +73,16 @@ class GenerationStream:
         self._tasks: list[asyncio.Task] = []
         self._timings: list[_Timing] = []
         self._num_finished = 0
+        self.tenant: str | None = None  # who sent it, for fair shares (assign)
+        self.class_name = NO_CLASS  # the latency class, for the per-class metrics
         self.trace = current_trace()  # the request's span (serve --otlp-traces-endpoint), else None
         if self.trace is not None:
             self.trace.add_stream(self)
+
+    def assign(self, job: Job) -> None:
+        """Run as `job` says: its priority, latency targets and tenant (call before starting)."""
+        self.priority, self.tenant, self.class_name = job.priority, job.tenant, job.class_name
+        self.params.slo = job.slo
 
     async def __aenter__(self) -> GenerationStream:
         now = time.monotonic()
@@ -87,7 +100,8 @@ class GenerationStream:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _produce(self, i: int, prompt: Prompt) -> None:
-        gen = self.engine.generate(prompt, self.params, f"{self.request_id}-{i}", priority=self.priority)
+        gen = self.engine.generate(prompt, self.params, f"{self.request_id}-{i}", priority=self.priority,
+                                   tenant=self.tenant)
         try:
             async with aclosing(gen):
                 async for out in gen:
@@ -101,6 +115,9 @@ class GenerationStream:
         i, item = await self._queue.get()
         if isinstance(item, BaseException):
             err = engine_error(item, self.retry_after_s, self.param)
+            if isinstance(item, SLOUnattainableError):
+                self.metrics.slo_requests.labels(self.class_name, "rejected").inc()
+                logger.info("rejected %s (class %s): %s", self.request_id, self.class_name, item)
             if self.trace is not None:
                 self.trace.record_error(err if err is not None else item)
             raise err if err is not None else item
@@ -121,8 +138,12 @@ class GenerationStream:
         elif num_tokens > t.num_tokens:
             self.metrics.inter_token_latency.observe(now - t.last)
         t.last, t.num_tokens = now, num_tokens
+        if t.first is None and num_tokens:
+            t.first = now
         if out.finished:
             self.metrics.e2e_latency.observe(now - t.start)
+            longest = max((len(c.token_ids) for c in out.outputs), default=0)
+            self.metrics.observe_slo(self.class_name, self.params.slo, t.start, t.first, now, longest)
 
     async def wait_started(self) -> None:
         """Wait until every prompt has its first snapshot, so input errors surface before a response starts."""

@@ -306,3 +306,21 @@ def test_an_idle_tenant_banks_no_credit():
     assert shares.counter("b") == 1500
     with pytest.raises(ValueError):
         TenantShares({"x": 0})
+
+
+# --- the engine fits the model to its own steps -------------------------------------------------------
+def test_the_engine_fits_its_step_model_and_refuses_what_it_cannot_meet(tiny_model_dirs):
+    from roofline import LLM
+    from roofline.errors import SLOUnattainableError
+
+    llm = LLM(tiny_model_dirs["llama-5heads-mqa-tied"], kv_cache_memory=16 << 20, max_num_batched_tokens=32)
+    assert not llm.engine.step_model.is_ready
+    llm.generate([[5 + i] * (3 + 7 * i) for i in range(6)], SamplingParams(max_tokens=24, ignore_eos=True))
+    model = llm.engine.step_model
+    assert model.is_ready and min(model.coefficients) >= 0
+    assert model.predict(StepShape(1, 64)) >= model.predict(StepShape(1, 1)) > 0
+    with pytest.raises(SLOUnattainableError, match="cannot be met even on an idle engine"):
+        llm.generate([5, 6, 7], SamplingParams(max_tokens=2, slo=SLO(ttft_ms=1e-6)))
+    fifo = LLM(tiny_model_dirs["llama-5heads-mqa-tied"], kv_cache_memory=16 << 20, scheduling="fifo")
+    fifo.engine.step_model = model  # fitted, but fifo ignores targets
+    assert fifo.generate([5, 6, 7], SamplingParams(max_tokens=2, slo=SLO(ttft_ms=1e-6)))[0].finished

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # only for annotations: importing opentelemetry is what the f
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span
 
+    from roofline.outputs import RequestOutput
     from roofline.server.generation import GenerationStream
 
 OTEL_MISSING = ("--otlp-traces-endpoint needs OpenTelemetry, which is not installed: "
@@ -129,7 +130,8 @@ class RequestTrace:
         return int(monotonic_s * 1e9) + self.offset_ns
 
 
-def _phase_bounds(out) -> list[tuple[str, float | None, float | None]]:
+def _phase_bounds(out: RequestOutput) -> list[tuple[str, float | None, float | None]]:
+    """(phase, start, end) in engine time; None where the request has not got that far."""
     return [("queue", out.arrival_time, out.first_scheduled_time),
             ("prefill", out.first_scheduled_time, out.first_token_time),
             ("decode", out.first_token_time, out.finished_time)]

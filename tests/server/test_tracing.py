@@ -121,6 +121,22 @@ def test_a_streamed_completion_is_traced_when_its_stream_ends(traced):
     assert_phases_in_order(root, children)
 
 
+def test_a_client_that_leaves_mid_stream_is_an_error(traced):
+    live, exporter = traced
+    with live.client() as http:
+        with http.stream("POST", "/v1/completions", json={
+                "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])
+    root, children = spans_of(exporter, by_response_id(first["id"]))
+    assert root.status.status_code == StatusCode.ERROR
+    assert root.attributes["error.type"] == "client_disconnected"
+    assert root.attributes["gen_ai.response.finish_reasons"] == ()  # it never finished
+    assert 0 < root.attributes["gen_ai.usage.output_tokens"] < 200
+    assert {"queue", "prefill", "decode"} <= set(children)  # the decode phase ends where the span does
+    assert children["decode"].end_time <= root.end_time
+    live.wait_idle()
+
+
 def test_a_request_the_engine_refuses_records_an_error(traced):
     live, exporter = traced
     long_prompt = list(range(100, 100 + live.ctx.max_model_len))  # no room left for a generated token

@@ -61,9 +61,6 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "tools and function calling are not supported; leave them out",
                        code="unsupported_parameter", param="tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {\"type\": \"text\"} is supported", code="unsupported_parameter",
-                       param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", code="invalid_value", param="top_logprobs")
 

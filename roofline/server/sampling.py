@@ -12,6 +12,7 @@ from roofline.sampling_params import SamplingParams
 from roofline.server.config import ServerConfig
 from roofline.server.errors import APIError
 from roofline.server.protocol import LOGPROB_FLOOR, MAX_STOP_STRINGS, SamplingFields, Usage, UsageDetails
+from roofline.server.structured import structured_spec
 
 _SEED_RANGE = 2**63  # torch seeds are 64-bit; the engine adds the sample index for n > 1
 _GREEDY_BELOW = 1e-5  # smaller temperatures overflow the scaled logits; they mean greedy anyway
@@ -63,7 +64,7 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             processed_logprobs=req.processed_logprobs, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output)
+            include_stop_str_in_output=req.include_stop_str_in_output, structured=structured_spec(req))
     except InvalidRequestError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
 

@@ -123,7 +123,7 @@ BAD_CHATS = [
      "unsupported_content"),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "unsupported_parameter"),
     ({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_parameter"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "unsupported_parameter"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "invalid_value"),
     ({"messages": CHAT, "top_logprobs": 3}, "invalid_value"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 50}, "invalid_value"),
     ({"messages": CHAT, "max_tokens": 0}, "invalid_value"),

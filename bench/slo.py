@@ -10,8 +10,9 @@ the same flags but --scheduling, warmed up the same way. Requests that arrive wi
 seconds count; an interactive request still unfinished at the end counts as missed. Printed per policy
 and rate: goodput (finished requests that met their targets, batch ones included, per second),
 interactive attainment, batch generated tok/s, p50/p99 TTFT and TPOT per class. The fairness part
-bursts 110 requests from tenant A and 11 from B (interleaved, `user` field) and reports each
-tenant's share of the tokens streamed until B's last request has its first token.
+bursts 110 requests from tenant A and 11 from B (interleaved, `user` field) at a server with 8 seats
+(so both stay backlogged) and reports each tenant's share of the tokens streamed until B's last request
+has its first token (after which B is no longer backlogged).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import httpx
 
 INTERACTIVE = {"ttft_ms": 1000.0, "tpot_ms": 100.0}
 CLASS_FLAGS = ["--slo-class", "interactive=ttft:1s,tpot:100ms,priority:0", "--slo-class", "bulk=priority:1"]
+FAIRNESS_SEATS = 8
 WORDS = "the of and to in is was for on that with as by at from his her an which or be this are".split()
 
 
@@ -159,10 +161,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, scheduling: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, scheduling: str, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [os.path.join(os.path.dirname(sys.executable), "roofline"), "serve", "--model", model, "--port", str(port), "--threads",
-           str(threads), "--scheduling", scheduling, "--max-queue", "100000", "--log-level", "warning", *CLASS_FLAGS]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "roofline"), "serve", "--model", model, "--port", str(port),
+           "--threads", str(threads), "--scheduling", scheduling, "--max-queue", "100000", "--log-level", "warning",
+           *CLASS_FLAGS, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -241,10 +244,15 @@ def main() -> None:
                                             seed=int(rate * 1000), grace=args.grace))
                 table.append((policy, rate, summarize(res, args.duration)))
                 print(f"  {policy} x{rate:g}: done", file=sys.stderr, flush=True)
-            if not args.skip_fairness and policy in ("fifo", "slo"):
-                shares[policy] = asyncio.run(fairness(url))
         finally:
             stop_server(proc)
+        if not args.skip_fairness and policy in ("fifo", "slo"):
+            # few seats, so that both tenants stay backlogged: B's 11 requests outnumber its fair share of them
+            proc, url = start_server(args.model, policy, args.threads, "--max-num-seqs", str(FAIRNESS_SEATS))
+            try:
+                shares[policy] = asyncio.run(fairness(url))
+            finally:
+                stop_server(proc)
     print("| policy | rate | requests (int/batch) | goodput req/s | interactive attainment | batch tok/s | "
           "int TTFT p50/p99 ms | int TPOT p50/p99 ms | batch TTFT p50/p99 ms | batch TPOT p50/p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

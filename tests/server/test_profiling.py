@@ -99,3 +99,16 @@ def test_without_the_flag_there_is_no_route(profiled):
                         headers={"Authorization": f"Bearer {profiled.api_keys[0]}"})
         assert r.status_code == 404
         assert client.post("/debug/profile", params={"steps": 1}).status_code == 401  # still keyed, like /v1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile-dir", "somewhere"], "--profile-dir needs --enable-profiling"),
+    (["--enable-profiling", "--data-parallel-size", "2"], "work on one engine"),
+    (["--otlp-traces-endpoint", "http://127.0.0.1:4318", "--data-parallel-size", "2"], "work on one engine"),
+])
+def test_bad_flag_combinations_are_one_line_and_exit_2(argv, message, capsys):
+    from roofline.cli import main
+
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -22,7 +22,8 @@ TIMEOUT_MS = 30_000
 def chromium_path() -> str | None:
     """$ROOFLINE_CHROMIUM, else the first Chromium on PATH."""
     if os.environ.get("ROOFLINE_CHROMIUM"):
-        return os.environ["ROOFLINE_CHROMIUM"]
+        path = os.environ["ROOFLINE_CHROMIUM"]
+        return path if os.path.isfile(path) else None
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 

@@ -46,7 +46,9 @@ function drawChart(canvas, series, options = {}) {
   const left = 44, right = 8, top = 8, bottom = 20;
   const w = width - left - right, h = height - top - bottom;
   const end = samples.length ? samples[samples.length - 1].time : 0;
-  const span = view.capacity * view.interval;
+  // the window grows with the data, from one minute up to the whole ring (five minutes at 1 Hz)
+  const full = view.capacity * view.interval;
+  const span = samples.length ? Math.min(full, Math.max(60, end - samples[0].time)) : full;
   const x = (t) => left + w * (1 - (end - t) / span);
   let values = series.map((s) => samples.map(s.value));
   if (options.stacked) {
@@ -66,9 +68,24 @@ function drawChart(canvas, series, options = {}) {
     g.beginPath(); g.moveTo(left, y(v)); g.lineTo(left + w, y(v)); g.stroke();
     g.fillText(options.percent ? (100 * v).toFixed(max < 0.1 ? 2 : 0) + "%" : fmt(v, v < 10 ? 1 : 0), 2, y(v) + 4);
   }
-  const minutes = span / 60;
-  g.fillText(`-${minutes >= 1 ? minutes.toFixed(0) + " min" : span + " s"}`, left, height - 5);
+  g.fillText(span >= 120 ? `-${(span / 60).toFixed(1)} min` : `-${span.toFixed(0)} s`, left, height - 5);
   g.fillText("now", left + w - 20, height - 5);
+  if (options.stacked) {  // areas, the outermost first, so each stage shows as its own band
+    for (let k = series.length - 1; k >= 0; k--) {
+      const points = samples.map((sample, i) => [sample.time, values[k][i]])
+        .filter(([t, v]) => v !== null && t >= end - span);
+      if (!points.length) continue;
+      g.globalAlpha = 0.45;
+      g.fillStyle = series[k].color;
+      g.beginPath();
+      g.moveTo(x(points[0][0]), y(0));
+      for (const [t, v] of points) g.lineTo(x(t), y(v));
+      g.lineTo(x(points[points.length - 1][0]), y(0));
+      g.closePath();
+      g.fill();
+      g.globalAlpha = 1;
+    }
+  }
   series.forEach((s, k) => {
     g.strokeStyle = s.color;
     g.lineWidth = s.width || 1.8;
@@ -103,8 +120,8 @@ const CHARTS = [
   ["batch", [{ label: "running", color: COLORS.blue, value: (s) => s.num_running },
     { label: "waiting", color: COLORS.orange, value: (s) => s.num_waiting },
     { label: "mean batch per step", color: COLORS.green, dash: [4, 2], value: (s) => s.batch_size }]],
-  ["kv", [{ label: "blocks in use", color: COLORS.purple, value: (s) => s.kv_blocks_used },
-    { label: "total", color: COLORS.grey, dash: [2, 3], value: (s) => s.kv_blocks_total }]],
+  ["kv", [{ label: "blocks in use (the cache's total is in the card above)", color: COLORS.purple,
+    value: (s) => s.kv_blocks_used }]],
   ["step", [{ label: "schedule", color: COLORS.orange, value: (s) => (s.step ? s.step.schedule_ms : null) },
     { label: "+ model (forward, sampling)", color: COLORS.blue, value: (s) => (s.step ? s.step.execute_ms : null) },
     { label: "+ outputs (detokenize, stops)", color: COLORS.green, value: (s) => (s.step ? s.step.output_ms : null) }],

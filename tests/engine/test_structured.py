@@ -221,3 +221,14 @@ def test_missing_grammar_engine_says_what_to_install(engine, monkeypatch):
     fresh = GrammarEngine(engine.tokenizer, engine.model_config.vocab_size)
     with pytest.raises(InvalidRequestError, match=r"roofline\[grammar\]"):
         fresh.compile(StructuredSpec.json_object())
+
+
+def test_llm_generate_takes_a_structured_spec():
+    from roofline import LLM
+
+    llm = LLM(model="default", kv_cache_memory=32 << 20, kernels="default")  # no kernel probe: fast to load
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    (out,) = llm.chat([{"role": "user", "content": "Is water wet? Answer in JSON."}],
+                      SamplingParams(max_tokens=20, temperature=0, structured=StructuredSpec.json(schema)))
+    assert out.outputs[0].finish_reason == "stop"
+    assert json.loads(out.outputs[0].text)["answer"] in ("yes", "no")

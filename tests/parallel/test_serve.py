@@ -39,3 +39,31 @@ def test_bad_values_fail_in_one_line_before_any_replica_starts(capsys):
     else:
         raise AssertionError("--data-parallel-size 0 was accepted")
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_connections_to_the_listening_socket_get_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only for an IPPROTO_TCP socket; without it each kept-alive answer waited ~40 ms."""
+    import asyncio
+    import socket
+
+    from roofline.server.commands import bind_port
+
+    sock = bind_port("127.0.0.1", 0)
+    sock.listen()
+
+    async def scenario() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        try:
+            return await asyncio.wait_for(accepted, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(scenario()) != 0

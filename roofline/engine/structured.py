@@ -76,6 +76,11 @@ class GrammarEngine:
             xgr = _xgrammar()
             raw = self.tokenizer.tokenizer
             vocab = [raw.id_to_token(i) or "" for i in range(min(raw.get_vocab_size(), self.vocab_size))]
+            # special tokens spell markup ("<|im_start|>"), not text: an empty entry keeps xgrammar from
+            # allowing them as literal characters inside a JSON string (EOS still ends the grammar as a stop id)
+            for i, added in raw.get_added_tokens_decoder().items():
+                if added.special and i < len(vocab):
+                    vocab[i] = ""
             add_prefix = (raw.encode("a", add_special_tokens=False).tokens or [""])[0][:1] == "▁"
             info = xgr.TokenizerInfo(vocab, vocab_type=_vocab_type(xgr, self.tokenizer), vocab_size=self.vocab_size,
                                      stop_token_ids=self.stop_token_ids, add_prefix_space=add_prefix)

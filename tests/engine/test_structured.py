@@ -17,7 +17,7 @@ import torch
 
 from roofline.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from roofline.engine.llm_engine import LLMEngine
-from roofline.engine.structured import GrammarEngine, StructuredRows
+from roofline.engine.structured import GrammarEngine, StructuredRows, apply_token_mask
 from roofline.errors import InvalidRequestError
 from roofline.loaders import open_model
 from roofline.sampling_params import SamplingParams, StructuredSpec
@@ -232,3 +232,19 @@ def test_llm_generate_takes_a_structured_spec():
                       SamplingParams(max_tokens=20, temperature=0, structured=StructuredSpec.json(schema)))
     assert out.outputs[0].finish_reason == "stop"
     assert json.loads(out.outputs[0].text)["answer"] in ("yes", "no")
+
+
+def test_special_tokens_are_never_text_inside_a_grammar(engine):
+    grammar = GrammarEngine(engine.tokenizer, engine.model_config.vocab_size)
+    rows = StructuredRows(grammar)
+    rows.add("s", StructuredSpec.json({"type": "string"}), engine.tokenizer.encode('"ab', add_special_tokens=False))
+    mask = rows.token_mask(["s"])
+    logits = apply_token_mask(torch.zeros(1, engine.model_config.vocab_size), mask)
+    special = [i for i, t in engine.tokenizer.tokenizer.get_added_tokens_decoder().items() if t.special]
+    assert len(special) > 3 and torch.isinf(logits[0, special]).all()  # "<|im_start|>" is not string content
+    assert torch.isfinite(logits[0]).sum() > 1000  # ordinary text is
+    assert not rows.accept("s", engine.tokenizer.encode('"', add_special_tokens=False)[0])  # closed, not ended
+    allowed = torch.isfinite(apply_token_mask(torch.zeros(1, engine.model_config.vocab_size),
+                                              rows.token_mask(["s"]))[0]).nonzero().flatten().tolist()
+    assert allowed == engine.tokenizer.eos_token_ids  # complete: only EOS may follow
+    assert rows.accept("s", allowed[0])

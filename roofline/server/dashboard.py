@@ -78,7 +78,10 @@ class DashboardSampler:
             logger.warning("dashboard: no roofline reference (%s)", exc)
             self.reference_error = str(exc)
         while True:
-            self.observe(self.engine.stats(), self.clock())
+            try:
+                self.observe(self.engine.stats(), self.clock())
+            except Exception:  # a bad sample must not end the sampling: say so, and try again next interval
+                logger.exception("dashboard: sampling the engine failed")
             await asyncio.sleep(self.interval_s)
 
     def observe(self, stats: EngineStats, now: float) -> DashboardSample | None:

@@ -220,3 +220,13 @@ def test_a_wrong_key_is_asked_again(browser, server):
     with httpx.Client(base_url=server.base_url) as c:
         assert c.get("/dashboard/stats").status_code == 401  # the page holds the key; the route still wants it
     page.close()
+
+
+def test_a_refused_request_shows_the_servers_message(playground):
+    page = playground
+    _settings(page, max_tokens=4, temperature=3)  # the server allows temperature up to 2
+    page.fill("#prompt", "Hi")
+    page.click("#send")
+    page.wait_for_selector("#error:has-text('temperature')")
+    assert page.inner_text(".turn.assistant .status") == "failed"
+    assert page.is_disabled("#stop") and page.is_enabled("#send")

@@ -247,9 +247,10 @@ async function send() {
   const body = samplingBody(s);
   let path, out, prompt;
   if (s.mode === "chat") {
-    if (!state.messages.length && s.system) state.messages.push({ role: "system", content: s.system });
     state.messages.push({ role: "user", content });
-    prompt = { messages: state.messages.slice(), top_logprobs: s.top_logprobs };
+    // the system prompt as it is now, ahead of the conversation so far
+    const system = s.system ? [{ role: "system", content: s.system }] : [];
+    prompt = { messages: system.concat(state.messages), top_logprobs: s.top_logprobs };
     body.messages = prompt.messages;
     if (s.logprobs) { body.logprobs = true; body.top_logprobs = s.top_logprobs; }
     path = "/v1/chat/completions";
@@ -269,7 +270,7 @@ async function send() {
   setBusy(true);
   out.status.textContent = "waiting for the first token…";
   const started = performance.now();
-  let text = "", finish = null, usage = null, numTokens = 0;
+  let text = "", finish = null, usage = null, numTokens = 0, isFailed = false;
   try {
     const response = await apiFetch(path, { method: "POST", signal: controller.signal,
       headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
@@ -300,11 +301,13 @@ async function send() {
     } else {
       out.status.textContent = "failed";
       $("error").textContent = String(err.message || err);
+      isFailed = true;
     }
   } finally {
     state.controller = null;
     setBusy(false);
-    if (s.mode === "chat") state.messages.push({ role: "assistant", content: text });
+    if (s.mode === "chat" && isFailed) state.messages.pop();  // the failed turn is not part of the conversation
+    else if (s.mode === "chat") state.messages.push({ role: "assistant", content: text });
   }
 }
 

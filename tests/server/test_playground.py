@@ -47,6 +47,8 @@ def _open(browser, server, path: str):
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.requests = []  # every URL the page asks for: only this server (or inline data:) is allowed
+    page.on("request", lambda request: page.requests.append(request.url))
     page.goto(server.base_url + path)
     page.wait_for_selector("#key-dialog[open]")
     page.fill("#key-input", server.api_keys[0])
@@ -62,6 +64,7 @@ def playground(browser, server):
     page = _open(browser, server, "/")
     yield page
     assert page.errors == []
+    assert page.requests and all(url.startswith((server.base_url + "/", "data:")) for url in page.requests)
     page.close()
     server.wait_idle()
 

@@ -178,6 +178,7 @@ function addTurn(role, label) {
   text.setAttribute("aria-label", label + " text");
   const status = document.createElement("div");
   status.className = "status";
+  status.setAttribute("role", "status");  // announced when a turn starts, finishes or stops (tokens are not)
   turn.append(head, text, status);
   $("transcript").appendChild(turn);
   return { turn, head, text, status };

@@ -225,21 +225,19 @@ def test_a_replica_killed_during_24_streams_hangs_none_and_is_restarted(dp_serve
     before = dp_server.metrics()
     pids = {r: int(before[f'roofline_router_replica_pid{{replica="{r}"}}']) for r in (0, 1)}
     results = [StreamResult() for _ in range(24)]
-    first_streaming = threading.Event()
+    streaming = [threading.Event() for _ in results]
     threads = []
     for i, result in enumerate(results):
-        body = chat_body(" ".join(f"w{20 + (5 * i + j) % 400}" for j in range(6)), max_tokens=48)
-        threads.append(threading.Thread(target=stream_chat,
-                                        args=(dp_server, body, result, first_streaming if i == 0 else None)))
-    victim = None
-    for i, thread in enumerate(threads):
+        body = chat_body(" ".join(f"w{20 + (5 * i + j) % 400}" for j in range(6)), max_tokens=160)
+        threads.append(threading.Thread(target=stream_chat, args=(dp_server, body, result, streaming[i])))
+    for thread in threads[:4]:  # four streams under way (160 tokens each: far from done) ...
         thread.start()
-        if i == 0:
-            assert first_streaming.wait(STREAM_TIMEOUT_S)
-            victim = results[0].replica
-        if i == 3:  # streams in flight on both replicas, more still to come
-            os.kill(pids[victim], signal.SIGKILL)
-        time.sleep(0.04)
+    assert all(event.wait(STREAM_TIMEOUT_S) for event in streaming[:4])
+    victim = results[0].replica
+    os.kill(pids[victim], signal.SIGKILL)  # ... when the replica serving the first one dies
+    for thread in threads[4:]:  # the rest arrive while it is down: retried or sent to the survivor
+        thread.start()
+        time.sleep(0.02)
     for thread in threads:
         thread.join(STREAM_TIMEOUT_S)
     assert not any(t.is_alive() for t in threads), "a stream hung"
@@ -251,6 +249,7 @@ def test_a_replica_killed_during_24_streams_hangs_none_and_is_restarted(dp_serve
         assert r.events[-1] == "[DONE]"
         assert (r in complete) != (r in cut)  # finished, or ended with an error event: never silently short
     assert all(r.error_codes == ["replica_failed"] and r.replica == victim for r in cut)
+    assert results[0] in cut  # it was mid-way: ended with an error event, never cut off silently
     assert len(complete) > len(results) // 2
 
     with dp_server.client() as client:  # the server answers at once on the surviving replica
@@ -266,7 +265,7 @@ def test_sigterm_drains_in_flight_streams_then_stops_every_process(dp_server):
     pids = [int(v) for k, v in dp_server.metrics().items() if k.startswith("roofline_router_replica_pid")]
     result = StreamResult()
     streaming = threading.Event()
-    thread = threading.Thread(target=stream_chat, args=(dp_server, chat_body("w9 w10", max_tokens=64), result,
+    thread = threading.Thread(target=stream_chat, args=(dp_server, chat_body("w9 w10", max_tokens=200), result,
                                                         streaming))
     thread.start()
     assert streaming.wait(STREAM_TIMEOUT_S)

@@ -161,6 +161,10 @@ function showReport(report) {
     setStat("stat-prefix", pct(s.prefix_cache_hit_rate), s.prefix_cache_hit_rate);
     setStat("stat-prompt-tps", fmt(s.prompt_tok_s), s.prompt_tok_s);
     setStat("stat-gen-tps", fmt(s.generation_tok_s), s.generation_tok_s);
+    const peak = Math.max(...view.samples.map((x) => x.generation_tok_s));
+    $("stat-gen-tps").dataset.peak = String(peak);
+    setStat("stat-gen-total", `${fmt(t.generated_tokens, 0)} generated since start, peak ${fmt(peak)} tok/s`,
+      t.generated_tokens);
     if (s.step) {
       const total = s.step.schedule_ms + s.step.execute_ms + s.step.output_ms;
       setStat("stat-step", `${fmt(total)} ms`, total);

@@ -134,6 +134,24 @@ def test_keyboard_focus_walks_tokens_and_shows_each(playground):
     assert page.is_hidden("#token-info")
 
 
+def test_chat_prompt_logprobs_score_the_rendered_template(playground, server):
+    page = playground
+    _settings(page, max_tokens=3, temperature=0, top_logprobs=2)
+    page.fill("#system", "Be brief.")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    page.wait_for_selector("#stop:disabled")
+    page.click(".turn.user .prompt-logprobs")
+    page.wait_for_selector(".turn.user .tok")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    with server.client() as c:
+        rendered = c.post("/tokenize", json={"messages": messages, "add_generation_prompt": True}).json()
+        text = c.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
+    tokens = page.locator(".turn.user .tok")
+    assert tokens.count() == rendered["count"]  # the chat template's tokens, as the chat route sent them
+    assert "".join(tokens.all_text_contents()) == text and text.startswith("<|im_start|>system")
+
+
 def test_completion_prompt_logprobs_on_demand(playground, server):
     page = playground
     _settings(page, mode="completion", max_tokens=4, temperature=0, top_logprobs=3)

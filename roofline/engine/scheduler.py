@@ -223,7 +223,7 @@ class Scheduler:
         out = SchedulerOutput(scheduled=[], block_copies=self._pending_copies, finished_ids=self._finished_ids)
         self._pending_copies, self._finished_ids = [], []
         budget = self.config.max_num_batched_tokens
-        self.waiting.sort(key=self._waiting_order)
+        self.waiting = sorted(self.waiting, key=self._waiting_order)
         if self.is_slo:
             self._preempt_for_ttft(out)
         # 1. running requests, highest priority first; preempt from the back when blocks run out.
@@ -231,7 +231,7 @@ class Scheduler:
         # while any sequence decodes, all chunks together stay within prefill_chunk_limit tokens (and, in
         # slo mode, within the tightest TPOT budget). A prompt that would take all the room takes half
         # while requests wait, so a short one is not queued behind a long one for its whole prefill.
-        self.running.sort(key=self._running_order)
+        self.running = sorted(self.running, key=self._running_order)  # new list: never empty to readers
         decodes_behind = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
         prefill_room = min(self.prefill_chunk_limit or budget, budget) if decodes_behind else budget
         if decodes_behind:
@@ -267,7 +267,7 @@ class Scheduler:
                     prefill_room -= num_new
                 i += 1
         # 2. waiting requests, unless blocks just ran out (no room to spare)
-        self.waiting.sort(key=self._waiting_order)
+        self.waiting = sorted(self.waiting, key=self._waiting_order)
         while self.waiting and budget > 0 and prefill_room > 0 and not ran_out \
                 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]

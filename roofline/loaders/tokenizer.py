@@ -161,16 +161,25 @@ class TextTokenizer:
         """The text one token decodes to on its own (for logprob entries)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the model's chat template."""
+    @property
+    def template_takes_tools(self) -> bool:
+        """True when the chat template renders a `tools` list itself (Llama 3.1+, Qwen 2.5+, Hermes templates)."""
+        return bool(self.info.chat_template) and "tools" in self.info.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """Render a conversation with the model's chat template (`tools`: OpenAI tool objects, for templates
+        that take them)."""
         if self._template is None:
             raise InvalidRequestError("this model has no chat template; send a plain prompt instead")
         for msg in messages:
             if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
                 raise InvalidRequestError("each chat message needs a 'role' and a 'content'")
         try:
+            extra = {"tools": tools} if tools else {}
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.info.bos_token or "", eos_token=self.info.eos_token or "")
+                                         bos_token=self.info.bos_token or "", eos_token=self.info.eos_token or "",
+                                         **extra)
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"chat template failed: {exc}") from None
 

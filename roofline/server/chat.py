@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from roofline.errors import InvalidRequestError
 from roofline.outputs import CompletionOutput, Logprob
@@ -13,9 +13,11 @@ from roofline.server.errors import APIError
 from roofline.server.generation import GenerationStream
 from roofline.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                       ChatDelta, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
-                                      ChatTokenLogprob, TopLogprob)
+                                      ChatTokenLogprob, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta,
+                                      TopLogprob)
 from roofline.server.sampling import check_request, finite_logprob, new_id, now, sampling_params, usage
 from roofline.server.streaming import SSE_DONE, sse_event
+from roofline.server.tools import ParsedCall, ToolCallStream, ToolPlan, parse_tool_calls, plan_tools, render_messages
 
 
 @dataclass
@@ -26,6 +28,7 @@ class ChatPlan:
     stream: GenerationStream
     response_id: str
     created: int
+    tools: ToolPlan | None = None  # the tools the model may call (their calls are parsed from its text)
 
 
 def _message_text(i: int, msg: ChatMessage) -> str:
@@ -45,22 +48,14 @@ def _message_text(i: int, msg: ChatMessage) -> str:
     return "\n".join(texts)
 
 
-def conversation_of(chat_messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The messages as the chat template takes them (text only; tool messages refused)."""
-    messages = []
-    for i, msg in enumerate(chat_messages):
-        if msg.role in ("tool", "function"):
-            raise APIError(400, f"messages[{i}] has role {msg.role!r}; tool calls are not supported",
-                           code="unsupported_parameter", param=f"messages[{i}].role")
-        role = "system" if msg.role == "developer" else msg.role
-        messages.append({"role": role, "content": _message_text(i, msg)})
-    return messages
+def conversation_of(chat_messages: list[ChatMessage], tools: ToolPlan | None = None,
+                    template_takes_tools: bool = False) -> list[dict]:
+    """The messages as the chat template takes them (text only; tool calls and results as server/tools.py says)."""
+    texts = [_message_text(i, msg) for i, msg in enumerate(chat_messages)]
+    return render_messages(chat_messages, texts, tools, template_takes_tools)
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tools and function calling are not supported; leave them out",
-                       code="unsupported_parameter", param="tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", code="invalid_value", param="top_logprobs")
 
@@ -69,8 +64,10 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
     """Check a chat request, render its prompt and build its GenerationStream (not started)."""
     check_request(req, 1, ctx.config, has_logprobs=req.logprobs)
     _check_unsupported(req)
-    conversation = conversation_of(req.messages)
     tok = ctx.tokenizer
+    tool_plan = plan_tools(req)
+    conversation = conversation_of(req.messages, tool_plan, tok.template_takes_tools)
+    template_tools = tool_plan.tools if tool_plan is not None and tok.template_takes_tools else None
     # a floor on the prompt's length, known without rendering or tokenizing it: a body of megabytes is refused
     # at once instead of after seconds of tokenizing
     floor = sum(len(m["content"].encode()) for m in conversation) // tok.max_token_bytes
@@ -79,7 +76,8 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
                             f"{ctx.max_model_len}", code="context_length_exceeded", param="messages")
 
     def render() -> list[int]:
-        return tok.encode(tok.apply_chat_template(conversation, add_generation_prompt=True), add_special_tokens=False)
+        text = tok.apply_chat_template(conversation, add_generation_prompt=True, tools=template_tools)
+        return tok.encode(text, add_special_tokens=False)
 
     try:  # off the event loop: a long conversation takes a while to render and tokenize
         prompt_ids = await asyncio.to_thread(render)
@@ -88,10 +86,12 @@ async def plan_chat(req: ChatCompletionRequest, ctx: ServingContext) -> ChatPlan
     max_tokens = req.max_completion_tokens or req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, max_tokens, logprobs)
+    if tool_plan is not None and tool_plan.structured is not None:  # "required" or a named function: one call
+        params = replace(params, structured=tool_plan.structured)
     rid = new_id("chatcmpl")
     stream = GenerationStream(ctx.engine, [prompt_ids], params, rid, req.priority, ctx.metrics,
                               ctx.config.retry_after_s, param="messages")
-    return ChatPlan(req, stream, rid, now())
+    return ChatPlan(req, stream, rid, now(), tool_plan)
 
 
 def chat_token_logprob(tid: int, entry: dict[int, Logprob], num_top: int, token_text) -> ChatTokenLogprob:
@@ -123,8 +123,12 @@ def chat_response(plan: ChatPlan, ctx: ServingContext) -> ChatCompletionResponse
     choices = []
     for c in out.outputs:
         logprobs, _ = _logprobs(plan.request, c, 0, ctx.tokenizer.token_text)
-        choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
-                                  finish_reason=c.finish_reason))
+        content, calls = parse_tool_calls(c.text, plan.tools.names) if plan.tools is not None else (c.text, [])
+        message = ChatResponseMessage(content=content, tool_calls=[
+            ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments)) for call in calls]
+            if calls else None)
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=logprobs,
+                                  finish_reason="tool_calls" if calls else c.finish_reason))
     return ChatCompletionResponse(id=plan.response_id, created=plan.created, model=ctx.config.model_name,
                                   choices=choices, usage=usage([out]))
 
@@ -144,24 +148,48 @@ async def chat_events(plan: ChatPlan, ctx: ServingContext) -> AsyncIterator[byte
     num_chars = [0] * req.n
     num_tokens = [0] * req.n
     is_done = [False] * req.n
+    held = [ToolCallStream() for _ in range(req.n)] if plan.tools is not None else None
     async for _, out in plan.stream.events():
-        deltas, finishes = [], []
+        deltas, tails, finishes = [], [], []  # a tail: one chunk each (a choice appears once per chunk)
         for c in out.outputs:
             j = c.index
             if is_done[j]:
                 continue
-            text = c.text[num_chars[j]:]
-            num_chars[j] = max(num_chars[j], len(c.text))
+            if held is None:
+                text = c.text[num_chars[j]:]
+                num_chars[j] = max(num_chars[j], len(c.text))
+            else:  # what may be a tool call waits for the end
+                text = held[j].content_delta(c.text)
             logprobs, num_tokens[j] = _logprobs(req, c, num_tokens[j], ctx.tokenizer.token_text)
             if text or (logprobs is not None and logprobs.content):
                 deltas.append(ChatStreamChoice(index=j, delta=ChatDelta(content=text), logprobs=logprobs))
             if c.finished:
                 is_done[j] = True
-                finishes.append(ChatStreamChoice(index=j, delta=ChatDelta(), finish_reason=c.finish_reason))
+                calls: list[ParsedCall] = []
+                if held is not None:
+                    content, calls = parse_tool_calls(c.text, plan.tools.names)
+                    if rest := held[j].rest(content, c.text):
+                        tails.append(ChatStreamChoice(index=j, delta=ChatDelta(content=rest)))
+                    tails += _tool_call_deltas(j, calls)
+                finishes.append(ChatStreamChoice(index=j, delta=ChatDelta(),
+                                                 finish_reason="tool_calls" if calls else c.finish_reason))
         if deltas:
             yield chunk(deltas)
+        for tail in tails:
+            yield chunk([tail])
         if finishes:
             yield chunk(finishes)
     if req.include_usage:
         yield chunk([], usage([plan.stream.latest[0]]))
     yield SSE_DONE
+
+
+def _tool_call_deltas(j: int, calls: list[ParsedCall]) -> list[ChatStreamChoice]:
+    """OpenAI's streamed shape of choice j's calls: per call, id, type and name first, then the arguments."""
+    out = []
+    for k, call in enumerate(calls):
+        out.append(ChatStreamChoice(index=j, delta=ChatDelta(tool_calls=[ToolCallDelta(
+            index=k, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments=""))])))
+        out.append(ChatStreamChoice(index=j, delta=ChatDelta(tool_calls=[ToolCallDelta(
+            index=k, function=FunctionCallDelta(arguments=call.arguments))])))
+    return out

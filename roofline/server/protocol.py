@@ -124,12 +124,29 @@ class TextPart(_Request):
     text: str | None = None
 
 
+class FunctionCallIn(_Request):
+    """A function call an assistant message made: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Request):
+    """One of an assistant message's `tool_calls`."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message that called tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -140,8 +157,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None  # accepted only when empty
-    tool_choice: Any = None
+    tools: list[Any] | None = None  # [{"type": "function", "function": {...}}], checked in server/tools.py
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # "auto" may return several calls; "required" and a named choice one
     functions: list[Any] | None = None
 
 
@@ -237,12 +255,50 @@ class ChatLogprobs(_Response):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    """The function a tool call names, and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    """A tool call of the assistant's message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(_Response):
+    """What a streamed chunk adds to a tool call's function."""
+
+    _omit_if_none = frozenset({"name", "arguments"})
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Response):
+    """What a streamed chunk adds to one tool call (its first chunk carries id, type and name)."""
+
+    _omit_if_none = frozenset({"id", "type", "function"})
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class ChatResponseMessage(_Response):
     """The assistant's message."""
+
+    _omit_if_none = frozenset({"tool_calls"})
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -251,7 +307,7 @@ class ChatChoice(_Response):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -269,11 +325,12 @@ class ChatCompletionResponse(_Response):
 class ChatDelta(_Response):
     """What a streamed chunk adds to a choice's message."""
 
-    _omit_if_none = frozenset({"role", "content", "refusal"})
+    _omit_if_none = frozenset({"role", "content", "refusal", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(_Response):
@@ -282,7 +339,7 @@ class ChatStreamChoice(_Response):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(_Response):

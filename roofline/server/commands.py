@@ -183,6 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server = DrainingServer(uv_config, app.state.ctx.drain, args.drain_timeout, engine.cancel_all)
             print(f"roofline: serving {config.model_name} on http://{args.host}:{sock.getsockname()[1]}/v1 "
                   f"(context {llm.engine.max_model_len} tokens)", flush=True)
+            url = f"http://{args.host}:{sock.getsockname()[1]}"
+            print(f"roofline: playground {url}/ , engine dashboard {url}/dashboard", flush=True)
             if profiling is not None:
                 print(f"roofline: profiling on: POST /debug/profile?steps=N writes traces to {profiling.profile_dir}",
                       flush=True)

@@ -31,19 +31,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from machine import cpu_name
 
 INTERACTIVE = {"ttft_ms": 1000.0, "tpot_ms": 100.0}
 CLASS_FLAGS = ["--slo-class", "interactive=ttft:1s,tpot:100ms,priority:0", "--slo-class", "bulk=priority:1"]
 FAIRNESS_SEATS = 8
 WORDS = "the of and to in is was for on that with as by at from his her an which or be this are".split()
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown CPU"
 
 
 def text(num_words: int, seed: int) -> str:

@@ -13,21 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import time
 
 import torch
 
 from roofline.llm import LLM
 from roofline.sampling_params import SamplingParams
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return "unknown CPU"
+from machine import cpu_name
 
 
 def run(llm: LLM, prompt_len: int, echo: bool, seed: int) -> dict:

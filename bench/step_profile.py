@@ -20,30 +20,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
 
 import torch
+from machine import cpu_name
 
 # Self time of these ops is matmul work; everything else inside the model is the "non-matmul" cost.
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::_weight_int8pack_mm",
               "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm", "quantized::linear_dynamic",
               "quantized::linear", "aten::_scaled_mm", "aten::baddbmm")
-
-
-def cpu_name() -> str:
-    """The CPU model and the instruction-set features that decide the kernels."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16") if f in flags]
-    return f"{fields.get('Model name', '?').strip()} ({' '.join(isa) or 'no AVX2'})"
 
 
 def dispatch() -> str:

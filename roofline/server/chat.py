@@ -17,7 +17,7 @@ from roofline.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompl
                                       TopLogprob)
 from roofline.server.sampling import check_request, finite_logprob, new_id, now, sampling_params, usage
 from roofline.server.streaming import SSE_DONE, sse_event
-from roofline.server.tools import ParsedCall, ToolCallStream, ToolPlan, parse_tool_calls, plan_tools, render_messages
+from roofline.server.tools import ParsedCall, ToolCallStream, ToolPlan, plan_tools, render_messages
 
 
 @dataclass
@@ -123,7 +123,7 @@ def chat_response(plan: ChatPlan, ctx: ServingContext) -> ChatCompletionResponse
     choices = []
     for c in out.outputs:
         logprobs, _ = _logprobs(plan.request, c, 0, ctx.tokenizer.token_text)
-        content, calls = parse_tool_calls(c.text, plan.tools.names) if plan.tools is not None else (c.text, [])
+        content, calls = plan.tools.parse(c.text) if plan.tools is not None else (c.text, [])
         message = ChatResponseMessage(content=content, tool_calls=[
             ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments)) for call in calls]
             if calls else None)
@@ -167,7 +167,7 @@ async def chat_events(plan: ChatPlan, ctx: ServingContext) -> AsyncIterator[byte
                 is_done[j] = True
                 calls: list[ParsedCall] = []
                 if held is not None:
-                    content, calls = parse_tool_calls(c.text, plan.tools.names)
+                    content, calls = plan.tools.parse(c.text)
                     if rest := held[j].rest(content, c.text):
                         tails.append(ChatStreamChoice(index=j, delta=ChatDelta(content=rest)))
                     tails += _tool_call_deltas(j, calls)

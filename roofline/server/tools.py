@@ -55,11 +55,17 @@ class ToolPlan:
     tools: list[dict[str, Any]]  # OpenAI tool objects, checked
     choice: str  # "auto", "required", or the name of the function that must be called
     structured: StructuredSpec | None  # the one-call grammar of "required" and a named choice
+    is_parallel: bool = True  # several calls may be returned (parallel_tool_calls is not false)
 
     @property
     def names(self) -> set[str]:
         """The functions the model may call."""
         return {t["function"]["name"] for t in self.tools}
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """(content, calls) of the model's text: parse_tool_calls, the first call only unless parallel."""
+        content, calls = parse_tool_calls(text, self.names)
+        return content, calls if self.is_parallel else calls[:1]
 
 
 def _check_tools(tools: list[Any]) -> list[dict[str, Any]]:
@@ -126,7 +132,7 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
             structured = StructuredSpec.json(schema)
         except InvalidRequestError as exc:
             raise _bad(str(exc), "tools") from None
-    return ToolPlan(tools, choice, structured)
+    return ToolPlan(tools, choice, structured, req.parallel_tool_calls is not False)
 
 
 # --- the prompt ------------------------------------------------------------------------------------------

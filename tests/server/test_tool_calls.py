@@ -189,3 +189,27 @@ def test_bad_tools_are_400(http, fields, param):
     resp = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, **fields})
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == param and "\n" not in resp.json()["error"]["message"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    from roofline.server.protocol import ChatCompletionRequest
+    from roofline.server.tools import plan_tools
+
+    text = ('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    for parallel, num_calls in ((None, 2), (True, 2), (False, 1)):
+        plan = plan_tools(ChatCompletionRequest(messages=ASK, tools=[WEATHER, TIME], parallel_tool_calls=parallel))
+        assert plan.choice == "auto" and plan.structured is None
+        assert len(plan.parse(text)[1]) == num_calls
+
+
+def test_forced_call_without_the_grammar_engine_is_a_400(http, monkeypatch):
+    import roofline.server.tools as tools
+
+    monkeypatch.setattr(tools, "grammar_available", lambda: False)
+    resp = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required",
+                                                   "max_tokens": 5})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "grammar_engine_missing"
+    # auto needs no grammar: the output is only parsed
+    resp = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "max_tokens": 3})
+    assert resp.status_code == 200

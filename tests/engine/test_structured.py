@@ -154,7 +154,8 @@ def test_regex_and_grammar_constraints(engine):
     done = run(engine, {
         "re": (PROMPT, SamplingParams(max_tokens=60, temperature=1.0, seed=3,
                                       structured=StructuredSpec.regex(r"[A-Z]{2}-\d{3}"))),
-        "g": (PROMPT, SamplingParams(max_tokens=60, temperature=1.0, seed=4, structured=StructuredSpec.grammar(grammar))),
+        "g": (PROMPT, SamplingParams(max_tokens=60, temperature=1.0, seed=4,
+                                     structured=StructuredSpec.grammar(grammar))),
     })
     assert re.fullmatch(r"[A-Z]{2}-\d{3}", done["re"].outputs[0].text), done["re"].outputs[0].text
     assert done["re"].outputs[0].finish_reason == "stop"

@@ -29,8 +29,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.mark.parametrize("text,content,calls", [
     ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
      None, [("get_weather", {"city": "Paris", "unit": "celsius"})]),
-    ('Let me check.\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>\n'
-     '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+    (('Let me check.\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>\n'
+      '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'),
      "Let me check.", [("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Oslo"})]),
     ('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}', None, [("get_time", {"zone": "UTC"})]),  # cut tag
     ('{"name": "get_weather", "parameters": {"city": "Rome"}}', None, [("get_weather", {"city": "Rome"})]),  # Llama
@@ -38,8 +38,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
      None, [("get_time", {"zone": "CET"}), ("get_weather", {})]),
     ('{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}', None, [("get_time", {"zone": "UTC"})]),
     ('{"name": "launch_rockets", "arguments": {}}', '{"name": "launch_rockets", "arguments": {}}', []),  # no such tool
-    ('<tool_call>{"name": "get_time", "arguments": {</tool_call>', '<tool_call>{"name": "get_time", "arguments": {'
-     '</tool_call>', []),  # does not parse
+    ('<tool_call>{"name": "get_time", "arguments": {</tool_call>',
+     '<tool_call>{"name": "get_time", "arguments": {</tool_call>', []),  # does not parse
     ("It is sunny.", "It is sunny.", []),
 ])
 def test_parse_tool_calls(text, content, calls):
@@ -204,7 +204,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 
 
 def test_forced_call_without_the_grammar_engine_is_a_400(http, monkeypatch):
-    import roofline.server.tools as tools
+    from roofline.server import tools
 
     monkeypatch.setattr(tools, "grammar_available", lambda: False)
     resp = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required",

@@ -42,25 +42,29 @@ def test_chat_n_samples_validate_each(http):
         jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
 
 
-def test_chat_json_schema_streams_valid_json(http):
+def test_chat_json_schema_streams_valid_json_per_choice(http):
     events = []
     with http.stream("POST", "/v1/chat/completions", json={
-            "messages": ASK, "max_tokens": 60, "temperature": 0, "stream": True,
+            "messages": ASK, "max_tokens": 60, "temperature": 0.8, "seed": 2, "n": 2, "stream": True,
             "response_format": json_schema_format(PERSON)}) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(json.loads(line[6:]))
-    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
-    finishes = [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
-    assert finishes == ["stop"]
-    jsonschema.validate(json.loads(text), PERSON)
+    texts, finishes = ["", ""], [[], []]
+    for choice in (c for e in events for c in e["choices"]):
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finishes[choice["index"]].append(choice["finish_reason"])
+    assert finishes == [["stop"], ["stop"]]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
 
 
 def test_chat_json_object_is_an_object(http):
     body = http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Give me a JSON object with a key 'color' set to 'blue'."}],
-        "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}}).json()
+        "max_tokens": 100, "temperature": 0, "response_format": {"type": "json_object"}}).json()
     choice = body["choices"][0]
     assert choice["finish_reason"] == "stop", choice
     assert isinstance(json.loads(choice["message"]["content"]), dict)

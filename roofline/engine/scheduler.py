@@ -237,6 +237,11 @@ class Scheduler:
         if decodes_behind:
             prefill_room = min(prefill_room, self._tpot_room(self.running, decodes_behind, budget))
         ran_out = False  # blocks ran out for a running request: nothing waiting is admitted this step
+        # slo: a prompt of a lower class pauses while a request with a TTFT target waits, leaving it the room
+        urgent = None
+        if self.is_slo:
+            urgent = min((slo_class(r) for r in self.waiting[:self.config.max_num_seqs]
+                          if r.ttft_deadline is not None and not self._is_blocked(r)), default=None)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -244,6 +249,9 @@ class Scheduler:
             if num_left == 1:
                 decodes_behind -= 1
                 num_new = 1
+            elif i > 0 and urgent is not None and slo_class(request) > urgent:
+                i += 1
+                continue
             else:
                 room = min(budget - decodes_behind, prefill_room)
                 if self.waiting and len(self.running) < self.config.max_num_seqs:

@@ -198,6 +198,23 @@ def test_without_slo_mode_chunks_use_the_whole_budget():
     assert [s.num_new_tokens for s in out.scheduled if s.request is bulk] == [255]
 
 
+def test_a_lower_class_prompt_pauses_while_a_deadline_waits():
+    sched, runner, clock = make(max_num_batched_tokens=64)
+    chat = request("chat", 3, 50, arrival=0.0, slo=SLO(ttft_ms=1000))
+    sched.add_request(chat)
+    step(sched, runner)
+    bulk = request("bulk", 600, 4, priority=1, arrival=1.0)
+    sched.add_request(bulk)
+    step(sched, runner)
+    assert 0 < bulk.num_computed_tokens < 600
+    urgent = request("chat2", 40, 4, arrival=2.0, slo=SLO(ttft_ms=1000))
+    sched.add_request(urgent)
+    out = step(sched, runner)
+    assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {"chat": 1, "chat2": 40}
+    out = step(sched, runner)  # nothing urgent waits: the bulk prompt goes on
+    assert "bulk" in {s.request.request_id for s in out.scheduled}
+
+
 # --- preemption for a TTFT deadline --------------------------------------------------------------------
 def test_a_lower_class_is_preempted_when_a_deadline_would_be_missed():
     sched, runner, clock = make(max_num_seqs=2)

@@ -231,8 +231,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand (only the built-in ones when `command` is one of them)."""
     parser = argparse.ArgumentParser(prog="roofline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"roofline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
@@ -259,9 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(kern)
     kern.set_defaults(func=cmd_kernels)
 
-    for register in _optional_commands():
-        register(sub)
+    if command not in _BUILTIN_COMMANDS:  # their imports (FastAPI, the server, the planner) cost ~0.3 s
+        for register in _optional_commands():
+            register(sub)
     return parser
+
+
+_BUILTIN_COMMANDS = ("generate", "chat", "kernels")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand argv names: its first word that is not an option (top-level options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _optional_commands():
@@ -298,7 +307,7 @@ def _is_utf8(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one line and exit 2."""
-    parser = build_parser()
+    parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch._dynamo
 
 from roofline import quant
 from roofline.config import EngineConfig, ModelConfig
@@ -21,6 +20,7 @@ from roofline.engine.structured import StructuredRows
 from roofline.errors import ConfigError, ModelLoadError
 from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
+from roofline.offload import prepare_offload
 from roofline.sampling_params import SamplingParams
 
 logger = logging.getLogger("roofline")
@@ -141,6 +141,8 @@ class ModelRunner:
         self.compiled_forward = None  # torch.compile'd model forward for static decode steps (enable_compile)
         self.decode_buckets: tuple[int, ...] = ()  # batch sizes decode steps are padded to when compiled
         self.structured: StructuredRows | None = None  # grammar matchers of structured samples (set by the engine)
+        self.offload_plan = None  # roofline.offload.OffloadPlan: placement and predicted rate, when offloading
+        self.streamer = None  # roofline.offload.StreamingExecutor streaming off-device layers, when any
 
     @classmethod
     def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
@@ -166,8 +168,13 @@ class ModelRunner:
         if progress is not None:
             tensors = progress(tensors, total=source.num_tensors())
         tensors = ((name, t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in tensors)
-        model.load_weights(quant.route_tensors(model, tensors))
+        # layers placed off the device are moved to their tier as they fill (docs/offload.md)
+        offload_plan, streamer = prepare_offload(model, model_config, source, config, device, dtype, not plan.is_empty)
+        routed = quant.route_tensors(model, tensors)
+        model.load_weights(streamer.wrap_loading(routed) if streamer is not None else routed)
         quant.finalize_quantized(model)
+        if streamer is not None:
+            streamer.attach()
         model.eval()
         if not plan.is_empty:
             logger.info("quantization %s: %s", config.quant.method, plan.describe())
@@ -175,6 +182,7 @@ class ModelRunner:
         kv_dtype = torch.int8 if config.quant.kv_cache_dtype == "int8" else dtype
         runner = cls(model, model_config, device, dtype, kv_dtype)
         runner.kernel_report = runner_kernels
+        runner.offload_plan, runner.streamer = offload_plan, streamer
         return runner
 
     @property
@@ -218,6 +226,8 @@ class ModelRunner:
         dynamic size inside it; prefill and mixed steps stay eager. Weights never change after load, so
         the module guards are dropped: only the inputs' shapes select a graph.
         """
+        import torch._dynamo  # here, not at module level: importing dynamo costs ~1.5 s of every start-up
+
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(DECODE_BUCKETS))
         self.compiled_forward = torch.compile(
             self.model.forward, dynamic=False,
@@ -241,6 +251,8 @@ class ModelRunner:
         return timings
 
     def _run_compiled(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
+        import torch._dynamo  # imported by enable_compile already; a dict lookup here
+
         # one graph for every context length: the block table's width is a symbolic size
         torch._dynamo.maybe_mark_dynamic(attn.decode_block_table, 1)
         torch._dynamo.maybe_mark_dynamic(attn.decode_mask, 3)

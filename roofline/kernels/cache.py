@@ -79,6 +79,7 @@ class KernelCache:
     def __init__(self, directory: Path | None = None) -> None:
         self.path = (directory or default_cache_dir()) / CACHE_FILE
         self.entries: dict[str, dict] = {}
+        self.changed = False  # whether put() added anything since the file was read or written
         try:
             self.entries = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -98,14 +99,19 @@ class KernelCache:
 
     def put(self, key: str, entry: dict) -> None:
         """Store an entry (written by `save`)."""
-        self.entries[key] = entry
+        if self.entries.get(key) != entry:
+            self.entries[key] = entry
+            self.changed = True
 
     def save(self) -> None:
-        """Write the file atomically; a read-only cache directory only costs a warning."""
+        """Write the file atomically if anything changed; a read-only cache directory only costs a warning."""
+        if not self.changed:  # a start served from the cache writes nothing
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(self.entries, indent=0, sort_keys=True))
             tmp.replace(self.path)
+            self.changed = False
         except OSError as exc:
             logger.warning("could not write the kernel cache %s (%s)", self.path, exc)

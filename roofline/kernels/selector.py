@@ -142,11 +142,18 @@ def _measure_group(shape: ShapeReport, modules: list[nn.Module], eligible: list[
     weights = [m.kernel_weights() for m in probe_modules]
     reference: torch.Tensor | None = None
     shape.from_cache = True
-    if len(eligible) == 1:  # nothing to choose between: check it works, time nothing
-        shape.from_cache = False
-        error = _check(eligible[0], weights[0], probe_modules[0].reference_weight())
-        if error is not None:
-            shape.dropped[eligible[0].name] = error
+    if len(eligible) == 1:  # nothing to choose between: check it works (once per machine), time nothing
+        key = KernelCache.key(machine, f"{shape.label} check", eligible[0].name)
+        entry = cache.get(key) if cache is not None else None
+        if entry is None or not ("error" in entry or entry.get("ok")):
+            shape.from_cache = False
+            # the check dequantizes a whole layer (~20 ms a shape): a cached start skips it
+            error = _check(eligible[0], weights[0], probe_modules[0].reference_weight())
+            entry = {"error": error} if error is not None else {"ok": True}
+            if cache is not None:
+                cache.put(key, entry)
+        if entry.get("error"):
+            shape.dropped[eligible[0].name] = entry["error"]
         else:
             shape.chosen = {b: eligible[0].name for b in buckets}
         return

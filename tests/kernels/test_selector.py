@@ -188,3 +188,22 @@ def test_default_mode_installs_nothing(tmp_path):
 def test_corrupt_cache_is_ignored(tmp_path):
     (tmp_path / cache_module.CACHE_FILE).write_text("{not json")
     assert KernelCache(tmp_path).entries == {}
+
+
+def test_single_candidate_is_checked_once_per_machine_and_a_cached_start_writes_nothing(tmp_path):
+    prepared: list[str] = []
+
+    def counting(w):
+        prepared.append("x")
+        return exact(w)
+
+    only = (fake("only", prepare=counting),)
+    select_kernels(Model(), "auto", Accuracy.EXACT, KernelCache(tmp_path), only)
+    path = tmp_path / cache_module.CACHE_FILE
+    first, written = len(prepared), path.stat().st_mtime_ns
+    assert first == 2 + 3  # a check per group (linears, head), then one install per layer
+    prepared.clear()
+    cache = KernelCache(tmp_path)
+    report = select_kernels(Model(), "auto", Accuracy.EXACT, cache, only)
+    assert len(prepared) == 3 and all(s.from_cache for s in report.shapes)  # installs only: no check
+    assert not cache.changed and path.stat().st_mtime_ns == written

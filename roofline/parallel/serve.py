@@ -15,7 +15,8 @@ logger = logging.getLogger("roofline.parallel")
 
 # flags the front end keeps for itself (or sets per replica); every other serve flag is passed to each replica
 _FRONT_END_DESTS = {"help", "host", "port", "api_key", "data_parallel_size", "threads", "access_log",
-                    "served_model_name", "func", "command", "verbose"}
+                    "served_model_name", "func", "command", "verbose", "backend", "num_replicas", "autoscale",
+                    "idle_timeout"}
 _GRACE_AFTER_DRAIN_S = 2.0
 
 

@@ -149,6 +149,13 @@ def observability(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain and exit 0."""
     tracer, profiling = observability(args)  # before the model loads: a missing package fails at once
+    if getattr(args, "backend", "local") == "ray":  # engines in Ray Serve replicas
+        from roofline.parallel.ray_app import cmd_serve_ray
+
+        return cmd_serve_ray(args)
+    if getattr(args, "num_replicas", None) is not None or getattr(args, "autoscale", None) is not None:
+        raise RooflineError("--num-replicas and --autoscale need --backend ray; on one machine use "
+                            "--data-parallel-size N")
     if getattr(args, "data_parallel_size", 1) > 1:  # replicas in child processes behind a router
         from roofline.parallel.serve import cmd_serve_data_parallel
 
@@ -234,4 +241,16 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--data-parallel-size", type=_count, default=1, metavar="N",
                    help="N engine replicas, each its own process, behind one router (default 1: one engine in "
                         "this process); --threads is then per replica (default: cores // N)")
+    from roofline.parallel.ray_app import parse_autoscale
+
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local: engines in this machine's processes; ray: engines in Ray Serve replicas, on the "
+                        "cluster at $RAY_ADDRESS or a local Ray (needs pip install 'roofline[ray]')")
+    p.add_argument("--num-replicas", type=_count, default=None, metavar="N",
+                   help="--backend ray: a fixed number of engine replicas (default 1)")
+    p.add_argument("--autoscale", type=parse_autoscale, default=None, metavar="MIN,MAX",
+                   help="--backend ray: scale replicas on ongoing requests between MIN and MAX; MIN 0 scales to "
+                        "zero when idle (the next request waits for a replica)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                   help="--backend ray with --autoscale: seconds below target before scaling down (default 60)")
     p.set_defaults(func=cmd_serve)

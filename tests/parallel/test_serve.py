@@ -67,3 +67,24 @@ def test_connections_to_the_listening_socket_get_tcp_nodelay():
             server.close()
 
     assert asyncio.run(scenario()) != 0
+
+
+def test_ray_flags_without_the_ray_backend_or_with_data_parallel_are_one_line_errors(capsys):
+    assert main(["serve", "--num-replicas", "2", "--model", "default"]) == 2
+    assert "need --backend ray" in capsys.readouterr().err
+    assert main(["serve", "--backend", "ray", "--data-parallel-size", "2", "--model", "default"]) == 2
+    assert "not --data-parallel-size" in capsys.readouterr().err
+    assert main(["serve", "--backend", "ray", "--num-replicas", "2", "--autoscale", "0,2"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_ray_options_map_the_flags_onto_ray_serve():
+    from roofline.parallel.ray_app import ray_options
+
+    fixed = ray_options(build_parser().parse_args(["serve", "--backend", "ray", "--num-replicas", "3"]))
+    assert fixed.deployment_options()["num_replicas"] == 3
+    scaled = ray_options(build_parser().parse_args(["serve", "--backend", "ray", "--autoscale", "0,4",
+                                                    "--idle-timeout", "30", "--threads", "2"]))
+    config = scaled.deployment_options()["autoscaling_config"]
+    assert (config["min_replicas"], config["max_replicas"], config["initial_replicas"]) == (0, 4, 1)
+    assert config["downscale_to_zero_delay_s"] == 30 and scaled.num_cpus == 2

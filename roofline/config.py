@@ -159,6 +159,27 @@ class QuantConfig:
             raise ConfigError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
 
 
+OFFLOAD_MODES = ("auto", "none")
+
+
+@dataclass
+class OffloadConfig:
+    """Models larger than memory: a memory limit and where layer weights live (docs/offload.md)."""
+
+    memory_limit: int | None = None  # bytes for weights, streaming buffers, KV cache and activations; None: none
+    # "auto": the planner's best placement within memory_limit; "none"; or "w=20/80/0,kv=100/0" (percent of
+    # layer weights on device/host/disk, of KV on device/host)
+    offload: str = "auto"
+    directory: str | None = None  # where converted per-layer files go; None: a temporary directory, removed
+
+    def __post_init__(self) -> None:
+        if self.memory_limit is not None and self.memory_limit <= 0:
+            raise ConfigError(f"memory limit must be positive, got {self.memory_limit}")
+        if self.offload not in OFFLOAD_MODES and not self.offload.startswith("w="):
+            raise ConfigError(f"offload must be auto, none or a placement like w=20/80/0,kv=100/0, "
+                              f"got {self.offload!r}")
+
+
 @dataclass
 class EngineConfig:
     """Everything an engine needs, one sub-config per concern."""
@@ -168,5 +189,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     seed: int = 0  # seeds requests that bring no seed of their own
     show_progress: bool = False  # progress bar while weights load

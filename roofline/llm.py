@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from roofline.config import CacheConfig, DeviceConfig, EngineConfig, QuantConfig, SchedulerConfig
+from roofline.config import CacheConfig, DeviceConfig, EngineConfig, OffloadConfig, QuantConfig, SchedulerConfig
 from roofline.engine.llm_engine import LLMEngine
 from roofline.errors import InvalidRequestError
 from roofline.outputs import RequestOutput
@@ -26,7 +26,8 @@ class LLM:
                  quantization_group_size: int = 32, kv_cache_dtype: str = "auto", kernels: str = "auto",
                  kernel_accuracy: str = "bf16", compile: bool = False, enforce_eager: bool = False,
                  max_decode_stall_ms: float | None = 250.0, scheduling: str = "slo",
-                 tenant_weights: dict[str, float] | None = None) -> None:
+                 tenant_weights: dict[str, float] | None = None, memory_limit: int | str | None = None,
+                 offload: str = "auto", offload_dir: str | None = None) -> None:
         config = EngineConfig(
             model=model,
             device=DeviceConfig(device=device, dtype=dtype, num_threads=num_threads,
@@ -39,6 +40,8 @@ class LLM:
                                       tenant_weights=dict(tenant_weights or {})),
             quant=QuantConfig(method=quantization, group_size=quantization_group_size,
                               kv_cache_dtype=kv_cache_dtype, kernels=kernels, kernel_accuracy=kernel_accuracy),
+            offload=OffloadConfig(memory_limit=parse_memory_limit(memory_limit), offload=offload,
+                                  directory=offload_dir),
             seed=seed,
             show_progress=show_progress,
         )
@@ -95,6 +98,15 @@ class LLM:
         finally:
             engine.abort([rid for rid in ids if rid in engine.groups])
         return [final[rid] for rid in ids]
+
+
+def parse_memory_limit(limit: int | str | None) -> int | None:
+    """An int of bytes or a size string ("600MB", "1.5GiB") as bytes; None stays None."""
+    if limit is None or isinstance(limit, int):
+        return limit
+    from roofline.planner.units import parse_quantity
+
+    return int(parse_quantity(limit, "memory limit"))
 
 
 def _tqdm_progress(iterable, total: int):

@@ -20,6 +20,7 @@ from roofline.engine.structured import StructuredRows
 from roofline.errors import ConfigError, ModelLoadError
 from roofline.kernels import Accuracy, KernelCache, KernelReport, low_bit_modules, select_kernels
 from roofline.models.registry import model_class
+from roofline.offload import prepare_offload
 from roofline.sampling_params import SamplingParams
 
 logger = logging.getLogger("roofline")
@@ -140,6 +141,8 @@ class ModelRunner:
         self.compiled_forward = None  # torch.compile'd model forward for static decode steps (enable_compile)
         self.decode_buckets: tuple[int, ...] = ()  # batch sizes decode steps are padded to when compiled
         self.structured: StructuredRows | None = None  # grammar matchers of structured samples (set by the engine)
+        self.offload_plan = None  # roofline.offload.OffloadPlan: placement and predicted rate, when offloading
+        self.streamer = None  # roofline.offload.StreamingExecutor streaming off-device layers, when any
 
     @classmethod
     def load(cls, source, config: EngineConfig, progress=None) -> "ModelRunner":
@@ -165,8 +168,13 @@ class ModelRunner:
         if progress is not None:
             tensors = progress(tensors, total=source.num_tensors())
         tensors = ((name, t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in tensors)
-        model.load_weights(quant.route_tensors(model, tensors))
+        # layers placed off the device are moved to their tier as they fill (docs/offload.md)
+        offload_plan, streamer = prepare_offload(model, model_config, source, config, device, dtype, not plan.is_empty)
+        routed = quant.route_tensors(model, tensors)
+        model.load_weights(streamer.wrap_loading(routed) if streamer is not None else routed)
         quant.finalize_quantized(model)
+        if streamer is not None:
+            streamer.attach()
         model.eval()
         if not plan.is_empty:
             logger.info("quantization %s: %s", config.quant.method, plan.describe())
@@ -174,6 +182,7 @@ class ModelRunner:
         kv_dtype = torch.int8 if config.quant.kv_cache_dtype == "int8" else dtype
         runner = cls(model, model_config, device, dtype, kv_dtype)
         runner.kernel_report = runner_kernels
+        runner.offload_plan, runner.streamer = offload_plan, streamer
         return runner
 
     @property

@@ -54,6 +54,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None  # it first entered the running batch: the queue phase ends
     first_token_time: float | None = None  # its first token was sampled: the prefill phase ends
     finished_time: float | None = None  # its last sample stopped: the decode phase ends
+    embedding: list[float] | None = None  # an embedding request's L2-normalized pooled vector, once finished
 
     @property
     def prefill_time(self) -> float | None:

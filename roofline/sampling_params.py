@@ -105,6 +105,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured: StructuredSpec | None = None  # output constraint (JSON schema, regex, grammar), enforced per token
     slo: SLO | None = None  # latency targets, honoured by the scheduler in "slo" mode (docs/scheduling.md)
+    pooling: str | None = None  # "last" or "mean": an embedding request (prefill only, no sampling; engine/pooling.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -136,6 +137,10 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
             (self.structured is None or isinstance(self.structured, StructuredSpec),
              "structured must be a StructuredSpec (StructuredSpec.json(schema), .regex(...), ...)"),
+            (self.pooling in (None, "last", "mean"), f"pooling must be 'last' or 'mean', got {self.pooling!r}"),
+            (self.pooling is None or (self.n == 1 and self.structured is None and self.logprobs is None
+                                      and self.prompt_logprobs is None),
+             "an embedding request (pooling) takes no n, structured output or logprobs"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,12 +9,13 @@ numpy over persistent arrays: the cost of building a step does not grow with con
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from roofline.engine.scheduler import SchedulerOutput
+from roofline.engine.pooling import PoolingChunk
 from roofline.layers.attention import AttentionMetadata, PrefillChunk
 from roofline.sampling_params import SamplingParams
 
@@ -57,6 +58,7 @@ class InputBatch:
     positions: torch.Tensor  # [num_tokens]
     attn: AttentionMetadata
     logits_rows: list[LogitsRow]
+    pooling_chunks: list[PoolingChunk] = field(default_factory=list)  # embedding requests' rows (never sampled)
 
 
 class PersistentBatch:
@@ -154,6 +156,7 @@ class PersistentBatch:
         ids: list[int] = []
         logits_rows: list[LogitsRow] = []
         prefills: list[PrefillChunk] = []
+        pooling_chunks: list[PoolingChunk] = []
         for idx, (state, n) in enumerate(items):
             start, end, row0 = int(starts[idx]), int(starts[idx]) + n, int(offsets[idx])
             ids.extend(state.token_ids[start:end])
@@ -170,7 +173,11 @@ class PersistentBatch:
                 first = max(start, state.num_prompt_logprobs_done)
                 for p in range(first, min(end, state.num_prompt_tokens - 1)):
                     logits_rows.append(LogitsRow(row0 + p - start, state.request_id, False, state.token_ids[p + 1]))
-            if end == len(state.token_ids):
+            pooling = state.sampling_params.pooling
+            if pooling is not None:  # an embedding request: its rows are pooled, nothing is sampled
+                pooling_chunks.append(PoolingChunk(state.request_id, row0, n, start, pooling,
+                                                   end == state.num_prompt_tokens))
+            elif end == len(state.token_ids):
                 logits_rows.append(LogitsRow(row0 + n - 1, state.request_id, True, None))
         decode_table = decode_mask = None
         if pad_to is not None:
@@ -207,6 +214,7 @@ class PersistentBatch:
             positions=torch.from_numpy(positions).to(self.device),
             attn=attn,
             logits_rows=logits_rows,
+            pooling_chunks=pooling_chunks,
         )
 
     def advance(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:

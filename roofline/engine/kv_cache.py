@@ -124,7 +124,7 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks holding the longest prefix of the request's tokens (at least one token left to compute)."""
-        if not self.enable_prefix_caching or request.wants_prompt_logprobs:
+        if not self.enable_prefix_caching or request.skips_prefix_cache:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks = []
@@ -137,7 +137,7 @@ class KVCacheManager:
 
     def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
         """Count an admitted request's lookup in the hit rate (once: a lookup whose allocation failed is retried)."""
-        if self.enable_prefix_caching and not request.wants_prompt_logprobs:
+        if self.enable_prefix_caching and not request.skips_prefix_cache:
             self.stats.queried_tokens += request.num_tokens  # a resumed request looks up its output tokens too
             self.stats.hit_tokens += num_hit_tokens
 

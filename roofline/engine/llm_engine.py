@@ -128,17 +128,21 @@ class LLMEngine:
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
-        if len(ids) >= self.max_model_len:
+        is_embedding = params.pooling is not None  # prefill only: the whole context may be prompt
+        if is_embedding and len(ids) > self.max_model_len:
+            raise ContextOverflowError(f"the input has {len(ids)} tokens but the context limit is "
+                                       f"{self.max_model_len}")
+        if not is_embedding and len(ids) >= self.max_model_len:
             raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context limit is "
                                        f"{self.max_model_len} (prompt + at least one generated token)")
         room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
+        if not is_embedding and params.max_tokens is not None and params.max_tokens > room:
             raise ContextOverflowError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context limit "
                 f"of {self.max_model_len} tokens")
         if params.structured is not None:  # a bad schema or grammar is refused before anything is queued
             self.grammar.compile(params.structured)
-        max_tokens = params.max_tokens or room
+        max_tokens = 1 if is_embedding else params.max_tokens or room
         if params.slo is not None and self.scheduler.is_slo:
             reason = self.scheduler.unattainable_reason(params, len(ids), max_tokens)
             if reason is not None:
@@ -200,6 +204,8 @@ class LLMEngine:
         samples = {r.request_id: r for item in plan.scheduled for r in [item.request, *item.fork_children]}
         self.num_generated_tokens += len(result.sampled)
         outputs = self.outputs.process(samples, result.prompt_logprobs, result.sampled)
+        if result.pooled:  # embedding requests: finished after their last chunk, with the vector
+            outputs += self.outputs.process_pooled(samples, result.pooled)
         self.step_model.observe(shape, time.perf_counter() - begun)  # what a running stream waits per step
         self.step_counters.record(len(plan.scheduled), plan.num_batched_tokens, started - begun, executed - started,
                                   time.perf_counter() - executed)

@@ -14,6 +14,7 @@ import torch
 from roofline import quant
 from roofline.config import EngineConfig, ModelConfig
 from roofline.engine.input_batch import PersistentBatch, RequestState
+from roofline.engine.pooling import PooledChunk, pool_chunks
 from roofline.engine.sampler import SampledToken, Sampler, SamplingRow, prompt_logprobs
 from roofline.engine.scheduler import SchedulerOutput
 from roofline.engine.structured import StructuredRows
@@ -110,6 +111,7 @@ class ModelRunnerOutput:
 
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[SampledToken]] = field(default_factory=dict)  # in position order
+    pooled: dict[str, PooledChunk] = field(default_factory=dict)  # embedding requests' chunks, pooled
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -290,6 +292,8 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
         else:
             hidden = self._run_compiled(batch.input_ids, batch.positions, batch.attn)
+        if batch.pooling_chunks:
+            result.pooled = pool_chunks(hidden, batch.pooling_chunks)
         prompt_rows = [r for r in batch.logits_rows if not r.sample]
         sample_rows = [r for r in batch.logits_rows if r.sample]
         # prompt logprobs in slices: the [rows, vocab] logits of a long echo chunk are never held at once

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from roofline.engine.pooling import PooledChunk, PoolingAccumulator
 from roofline.engine.request import Request, RequestStatus
 from roofline.engine.sampler import SampledToken
 from roofline.loaders.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -45,6 +46,7 @@ class OutputProcessor:
         self.finish = finish  # called when a sample stops: the scheduler frees its blocks
         self.groups: dict[str, RequestGroup] = {}
         self._owner: dict[str, str] = {}  # sample request id -> user request id
+        self._pooling: dict[str, PoolingAccumulator] = {}  # embedding requests (one sample each) -> their sums
 
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], samples: list[Request]) -> None:
         """Hold a new request's samples."""
@@ -54,6 +56,8 @@ class OutputProcessor:
             [IncrementalDetokenizer(self.tokenizer, prompt_ids, skip) for _ in samples],
             [CompletionOutput(i, "", []) for i in range(len(samples))])
         self._owner.update((r.request_id, request_id) for r in samples)
+        if samples[0].sampling_params.pooling is not None:
+            self._pooling[samples[0].request_id] = PoolingAccumulator(samples[0].sampling_params.pooling)
 
     def pop(self, request_id: str) -> RequestGroup | None:
         """Stop holding a request (aborted or finished); None if unknown."""
@@ -61,7 +65,29 @@ class OutputProcessor:
         if group is not None:
             for r in group.samples:
                 self._owner.pop(r.request_id, None)
+                self._pooling.pop(r.request_id, None)
         return group
+
+    def process_pooled(self, samples: dict[str, Request], pooled: dict[str, PooledChunk]) -> list[RequestOutput]:
+        """One step's pooled chunks of embedding requests in; the outputs of those whose prompt is done out."""
+        outputs = []
+        for rid, chunk in pooled.items():
+            acc = self._pooling.get(rid)
+            group = self.groups.get(self._owner.get(rid, ""))
+            if acc is None or group is None:
+                continue
+            acc.add(chunk)
+            if not chunk.is_last:
+                continue
+            req = samples[rid]
+            req.finished_time = time.monotonic()
+            group.outputs[0].finish_reason = RequestStatus.FINISHED_STOPPED.value
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+            out = self._make_output(group)
+            out.embedding = acc.vector()
+            outputs.append(out)
+            self.pop(group.request_id)
+        return outputs
 
     def process(self, samples: dict[str, Request], prompt_logprobs: dict[str, list[SampledToken]],
                 sampled: dict[str, SampledToken]) -> list[RequestOutput]:

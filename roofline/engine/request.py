@@ -101,3 +101,8 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """True when prompt logprobs were asked for (and so the prefix cache must be bypassed)."""
         return self.sampling_params.prompt_logprobs is not None
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """True when every prompt position must be computed: prompt logprobs, or a mean-pooled embedding."""
+        return self.wants_prompt_logprobs or self.sampling_params.pooling == "mean"

@@ -21,6 +21,7 @@ from roofline.server.completions import completion_events, completion_response, 
 from roofline.server.config import ServerConfig
 from roofline.server.context import ServingContext
 from roofline.server.dashboard import DashboardSampler
+from roofline.server.embeddings import EmbeddingMetrics, create_embeddings
 from roofline.server.errors import APIError, install_error_handlers
 from roofline.server.generation import GenerationStream
 from roofline.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -28,7 +29,8 @@ from roofline.server.middleware import API_PREFIX, GUARDED_PATHS, GuardMiddlewar
 from roofline.server.slo import Job, resolve_job
 from roofline.server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                       CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                                      ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                      EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelCard, ModelList,
+                                      TokenizeRequest, TokenizeResponse)
 from roofline.server.streaming import ClientGone, EventStreamResponse, until_disconnected
 from roofline.server.tokenize import detokenize, tokenize
 from roofline.server.profiling import ProfilingConfig, install_profiling
@@ -39,7 +41,8 @@ M = TypeVar("M", bound=BaseModel)
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only ever seen in metrics
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 _SCHEMA_REF = "#/components/schemas/{model}"
-_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)  # parsed by parse_body, so FastAPI does not see them
+# parsed by parse_body, so FastAPI does not see them
+_REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, TokenizeRequest, DetokenizeRequest)
 _HEALTH_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": ["ok", "draining", "engine stopped"]}}}}}
 
@@ -184,6 +187,17 @@ def create_app(engine: AsyncEngine, config: ServerConfig, tracer: RequestTracer 
         plan.stream.assign(job_of(req, request, config))
         return await _respond(request, plan.stream, req.stream, lambda: chat_response(plan, ctx),
                               lambda: chat_events(plan, ctx))
+
+    embedding_metrics = EmbeddingMetrics(metrics.registry)
+
+    @app.post("/v1/embeddings", **_documented(EmbeddingResponse, EmbeddingRequest))
+    async def create_embedding(request: Request) -> Response:
+        req = await parse_body(request, EmbeddingRequest)
+        work = create_embeddings(req, ctx, job_of(req, request, config), embedding_metrics)
+        try:  # a client that leaves aborts its inputs' engine requests
+            return _json(await until_disconnected(request.receive, work))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
 
     @app.get("/v1/models", **_documented(ModelList))
     async def list_models() -> Response:

@@ -389,6 +389,45 @@ class DetokenizeResponse(_Response):
     prompt: str
 
 
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings: OpenAI's fields, plus roofline's pooling, priority and slo_class."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]  # a text, texts, token ids, or token-id lists
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes, as OpenAI
+    dimensions: int | None = Field(None, ge=1)  # keep the first entries and renormalize (at most the hidden size)
+    user: str | None = None
+    # roofline extensions
+    pooling: Literal["last", "mean"] | None = None  # default "last": the last token's final normed hidden state
+    priority: int = Field(0, ge=-(2**31), lt=2**31)  # lower runs first
+    slo_class: str | None = Field(None, min_length=1, max_length=64)  # its priority applies (no latency targets)
+    slo: ClassVar[None] = None  # embeddings have no first token or decode: no latency targets
+
+
+class EmbeddingData(_Response):
+    """One input's embedding."""
+
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # floats, or their base64 (encoding_format)
+    index: int
+
+
+class EmbeddingUsage(_Response):
+    """Token counts of an embeddings request (no completion tokens)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    """The answer of POST /v1/embeddings, in input order."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelCard(_Response):
     """One entry of GET /v1/models."""
 

@@ -46,7 +46,7 @@ def test_lists_every_route_the_app_serves(server, schema):
               for m in r.methods if m != "HEAD"}
     listed = {(path, method) for path, ops in schema["paths"].items() for method in ops if method in HTTP_METHODS}
     assert listed == served
-    assert {path for path, _ in listed} == {"/v1/completions", "/v1/chat/completions", "/v1/models",
+    assert {path for path, _ in listed} == {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models",
                                             "/v1/models/{model}", "/tokenize", "/detokenize", "/health", "/metrics"}
     hidden = {r.path for r in app.routes if isinstance(r, Route) and not r.include_in_schema}
     assert hidden == {"/openapi.json", "/", "/dashboard", "/dashboard/stats", "/static/{name}"}  # browser pages
@@ -54,7 +54,8 @@ def test_lists_every_route_the_app_serves(server, schema):
 
 def test_post_bodies_are_the_models_the_handlers_parse(schema):
     components = schema["components"]["schemas"]
-    for path, model in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+    for path, model in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest"),
+                        ("/v1/embeddings", "EmbeddingRequest")):
         body = schema["paths"][path]["post"]["requestBody"]
         assert body["required"] is True
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}

@@ -49,6 +49,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling", default="slo", choices=["fifo", "priority", "slo"],
                    help="fifo: arrival order; priority: (priority, arrival); slo (default): priority, fair shares "
                         "across tenants, and latency targets (docs/scheduling.md)")
+    p.add_argument("--memory-limit", type=_parse_bytes, default=None,
+                   help="memory for weights, KV cache and activations, e.g. 600MB; layers that do not fit are "
+                        "streamed from host RAM or disk (docs/offload.md)")
+    p.add_argument("--offload", default="auto",
+                   help="auto (the planner's placement within --memory-limit), none, or a placement "
+                        "w=DEVICE/HOST/DISK[,kv=DEVICE/HOST] in percent, e.g. w=20/80/0,kv=100/0")
+    p.add_argument("--offload-dir", default=None,
+                   help="where off-device layers are written (default: a temporary directory, removed at exit)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -91,14 +99,20 @@ def _make_llm(args: argparse.Namespace):
         print(f"roofline: loading {args.model} ...", file=sys.stderr, flush=True)
     from roofline.llm import LLM
 
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
-               quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-               kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
-               compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty(),
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_decode_stall_ms=args.max_decode_stall_ms, scheduling=args.scheduling,
-               tenant_weights=getattr(args, "tenant_weights", None))
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
+              quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+              kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
+              compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty(),
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_decode_stall_ms=args.max_decode_stall_ms, scheduling=args.scheduling,
+              tenant_weights=getattr(args, "tenant_weights", None),
+              memory_limit=getattr(args, "memory_limit", None), offload=getattr(args, "offload", "auto"),
+              offload_dir=getattr(args, "offload_dir", None))
+    plan = llm.engine.runner.offload_plan
+    if plan is not None:  # the placement and the rate the planner predicts for it, at start-up (docs/offload.md)
+        print(f"roofline: {plan.describe()}", file=sys.stderr, flush=True)
+    return llm
 
 
 # chat-request field -> the argument that sets it; the chat route's limits are the CLI's (max_tokens >= 1)

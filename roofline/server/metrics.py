@@ -45,6 +45,16 @@ class EngineCollector:
                                   value=stats["generated_tokens"])
         yield CounterMetricFamily("roofline_num_preemptions", "Requests preempted for lack of KV blocks.",
                                   value=stats["num_preemptions"])
+        plan = getattr(self.engine.engine.runner, "offload_plan", None)  # set when a memory limit or offload is given
+        if plan is not None:
+            placement = GaugeMetricFamily("roofline_offload_placement",
+                                          "The offload placement running (label: percent of layer weights on "
+                                          "device/host/disk, KV device/host); always 1.", labels=["placement"])
+            placement.add_metric([plan.placement.describe()], 1)
+            yield placement
+            yield GaugeMetricFamily("roofline_offload_predicted_tokens_per_second",
+                                    "The planner's predicted output tokens/s for that placement.",
+                                    value=plan.predicted_tok_s)
 
 
 class ServerMetrics:

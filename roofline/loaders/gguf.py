@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -65,6 +67,7 @@ class GGUFFile:
             raise self._error(f"not a readable GGUF file ({type(exc).__name__}: {first_line(exc)}); "
                               f"is it truncated or corrupt?") from None
         self.metadata = self.reader.metadata
+        self._config: ModelConfig | None = None  # model_config(), once read
 
     def _error(self, message: str) -> ModelLoadError:
         return ModelLoadError(f"{self.path}: {message}")
@@ -120,6 +123,13 @@ class GGUFFile:
 
     def model_config(self) -> ModelConfig:
         """The architecture hyper-parameters this file describes, checked against its tensors' shapes."""
+        # read and checked once (the vocabulary check alone walks every token): the engine, the runner,
+        # the tokenizer and tensors() each ask; each caller gets its own copy to change
+        if self._config is None:
+            self._config = self._read_model_config()
+        return copy.deepcopy(self._config)
+
+    def _read_model_config(self) -> ModelConfig:
         a = f"{self.arch}."
         hidden = self._int(a + "embedding_length")
         heads = self._int(a + "attention.head_count")
@@ -261,7 +271,7 @@ class GGUFFile:
             qtype = t.tensor_type  # supported: model_config() checked every type
             shape = tuple(reversed(t.shape))  # gguf lists dims innermost first
             if name in keep_quantized and len(shape) == 2 and t.data.dtype == np.uint8:
-                blocks = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # [rows, bytes per row]
+                blocks = _mapped(t.data)  # [rows, bytes per row], read from the file as the layer decodes it
                 if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):  # rows permute whole
                     blocks = _unpermute_rope(blocks, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
                 yield name, GGMLTensor(qtype.name, shape, blocks)
@@ -276,6 +286,14 @@ class GGUFFile:
                 heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
                 tensor = _unpermute_rope(tensor, heads)
             yield name, tensor.to(dtype)
+
+
+def _mapped(data: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor over the file's read-only memory map, not a copy (the quantized layers decode
+    straight from it; nothing writes to it: a write would fault)."""
+    with warnings.catch_warnings():  # torch warns that the array is not writable: by design here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(data)
 
 
 def _hf_name(gguf_name: str) -> str | None:

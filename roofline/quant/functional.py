@@ -63,10 +63,17 @@ def requantize_int8(w: Int8Weight, rows_per_chunk: int = 4096) -> Int8Weight:
     N = w.q.shape[0]
     q = torch.empty_like(w.q)
     scale = torch.empty(N, dtype=torch.float32, device=w.q.device)
+    tiny = torch.finfo(torch.float32).tiny
     for start in range(0, N, rows_per_chunk):  # chunks bound the fp32 temporary
         rows = slice(start, start + rows_per_chunk)
-        part = quantize_int8(dequantize_int8(Int8Weight(w.q[rows], w.scale[rows], w.group_size)))
-        q[rows], scale[rows] = part.q, part.scale
+        # quantize_int8(dequantize_int8(...)) computed in place on one temporary: the same fp32 values
+        # (products, row maxima, quotients) bit for bit, at a fraction of the load time of a 49152-row head
+        part = w.q[rows].float()
+        r, K = part.shape
+        part.view(r, K // w.group_size, w.group_size).mul_(w.scale[rows][..., None])
+        row_scale = part.abs().amax(dim=1).clamp_min(tiny) / 127
+        part.div_(row_scale[:, None]).round_().clamp_(-127, 127)
+        q[rows], scale[rows] = part.to(torch.int8), row_scale
     return Int8Weight(q, scale)
 
 

@@ -162,3 +162,24 @@ def test_accumulator_restarts_after_a_recompute():
 def test_truncate_embedding_renormalizes():
     assert truncate_embedding([0.6, 0.8, 0.0], None) == [0.6, 0.8, 0.0]
     assert truncate_embedding([0.6, 0.0, 0.8], 1) == [1.0]
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_embeddings_keep_their_vectors(model_dir, hf, reference, mode):
+    # 6 blocks of 16 tokens: 60-token inputs and a generation to 88 tokens cannot all hold their KV at once
+    per_block = 16 * reference.load_roofline_model(model_dir).config.num_layers * 2 * 1 * 16 * 4
+    small = LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=6 * per_block, max_model_len=MAX_MODEL_LEN,
+                max_num_batched_tokens=BUDGET, max_num_seqs=8, preemption_mode=mode, swap_space=64 * per_block)
+    assert small.engine.kv.num_blocks == 6
+    engine = small.engine
+    engine.add_request("gen", reference.random_prompt(8, seed=1), SamplingParams(temperature=0.0, max_tokens=80,
+                                                                                  ignore_eos=True))
+    prompts = {f"e{i}": reference.random_prompt(60, seed=400 + i) for i in range(3)}
+    for i, (rid, ids) in enumerate(prompts.items()):
+        engine.add_request(rid, ids, SamplingParams(pooling="mean" if i % 2 else "last"))
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert engine.scheduler.num_preemptions > 0
+    for i, (rid, ids) in enumerate(prompts.items()):
+        assert_close(final[rid].embedding, expected(hf, ids, "mean" if i % 2 else "last"))

@@ -95,6 +95,12 @@ def test_errors_are_one_line_openai_json(http, fields, status, code, param):
     assert "\n" not in error["message"] and "Traceback" not in error["message"]
 
 
+def test_embeddings_need_the_api_key(server):
+    with server.client(headers={"Authorization": "Bearer wrong"}) as c:
+        r = c.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_embeddings_are_counted_in_metrics(http):
     embed(http, input=["a b c", "d e"], pooling="mean")
     text = http.get("/metrics").text

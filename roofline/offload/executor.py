@@ -17,6 +17,7 @@ off-device layer of the next step is fetched during the tail of this one (head, 
 
 from __future__ import annotations
 
+import ctypes
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -50,6 +51,30 @@ def _finalize_low_bit(layer: nn.Module) -> None:
             module.finalize()
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+OWN_MAPPING_BYTES = 1 << 20  # tensors this large get their own mmap, so freeing them returns the pages at once
+
+
+def _allocate_apart(layers: list[nn.Module]) -> None:
+    """Re-allocate the (still unwritten) tensors of off-device layers, each large one in its own mapping.
+
+    The model was built with every layer's tensors side by side on the heap; freed there, a layer's
+    pages stay resident until its neighbours go too. glibc's M_MMAP_THRESHOLD (fixed here, which also
+    stops its dynamic growth) gives each large tensor its own mmap, which free() unmaps.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, OWN_MAPPING_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        return
+    for layer in layers:
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            storage = t.untyped_storage()
+            if t.device.type == "cpu" and storage.resizable() and storage.nbytes() >= OWN_MAPPING_BYTES:
+                size = storage.nbytes()
+                storage.resize_(0)
+                storage.resize_(size)
+
+
 class StreamingExecutor:
     """Keeps off-device decoder layers in a LayerStore and streams them through two device buffers."""
 
@@ -66,6 +91,7 @@ class StreamingExecutor:
         self._next = {layer: self.order[(i + 1) % len(self.order)] for i, layer in enumerate(self.order)}
         self._expected = {i: _expected_tensors(layers[i]) for i in self.order}
         self._seen = dict.fromkeys(self.order, 0)
+        _allocate_apart([layers[i] for i in self.order])
         self._buffers: list[torch.Tensor] = []  # [max_blob_bytes] uint8 on the device, NUM_BUFFERS of them
         self._staging: list[torch.Tensor] = []  # pinned CPU buffers disk reads land in (GPU only)
         self._bound: dict[int, list[list[tuple[nn.Module, str, bool, torch.Tensor]]]] = {}  # layer -> per buffer

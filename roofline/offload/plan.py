@@ -15,7 +15,7 @@ from roofline.planner.hardware import HardwareSpec, get_preset_hardware
 from roofline.planner.layout import Layout, Placement, Workload
 from roofline.planner.memory import MemoryBreakdown, memory_needed
 from roofline.planner.model_spec import spec_from_config
-from roofline.planner.predict import runtime_kv_format
+from roofline.planner.predict import predict, runtime_kv_format
 from roofline.planner.search import Objective, PlanRequest, best_plan_for_layout, candidate_placements, score
 from roofline.planner.units import format_bytes
 
@@ -120,6 +120,14 @@ def plan_offload(model_config: ModelConfig, fmt: WeightFormat, config: OffloadCo
     placement, plan = best
     return OffloadPlan(placement, plan.prediction.throughput_tok_s, plan.batch,
                        _kv_budget(plan.memory, limit, kv_memory), plan.memory, hw.name)
+
+
+def predict_placement(model_config: ModelConfig, fmt: WeightFormat, placement: LayerPlacement, memory_limit: int,
+                      is_cuda: bool, workload: Workload, batch: int) -> float:
+    """The planner's output tok/s for `placement` at `batch` on `workload` (what a benchmark compares with)."""
+    hw = engine_hardware(is_cuda, memory_limit)
+    spec = spec_from_config(model_config, native_format=fmt)
+    return predict(spec, hw, _layout(hw, fmt, placement.fractions()), workload, batch).throughput_tok_s
 
 
 def _request(workload: Workload, max_num_seqs: int) -> PlanRequest:

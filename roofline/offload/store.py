@@ -10,6 +10,7 @@ posix_fadvise(DONTNEED) so the page cache never holds the layer and "disk" is me
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import shutil
@@ -26,6 +27,12 @@ TENSOR_ALIGN = 64  # tensor offsets inside a blob: cache-line aligned, so every 
 
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without t.numpy(): that would make its storage unresizable, and the
+    executor frees an offloaded layer's storage in place."""
+    return memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())).cast("B")
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,8 @@ class LayerStore:
             raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
             if pinned is not None:
                 pinned[entry.offset:entry.offset + entry.num_bytes] = raw
-            else:  # straight from the tensor's memory: no second copy of the layer is made
-                os.pwrite(self._fds[tier], memoryview(raw.numpy()), blob.offset + entry.offset)
+            elif entry.num_bytes:  # straight from the tensor's memory: no second copy of the layer is made
+                os.pwrite(self._fds[tier], _bytes_of(raw), blob.offset + entry.offset)
         if pinned is not None:
             self._pinned[layer] = pinned
         self._sizes[tier] += blob.num_bytes

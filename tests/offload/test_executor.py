@@ -88,3 +88,29 @@ def test_packed_quantized_layers_stream_as_byte_blobs(tmp_path):
               .entries}
     assert torch.uint8 in dtypes or torch.int32 in dtypes  # packed int4 blocks travel as they are
     assert all(p.device.type == "meta" for p in layer.parameters())
+
+
+def test_an_offloaded_layer_frees_its_memory_while_the_checkpoint_is_still_loading(model_dir, tmp_path):
+    from roofline.loaders import open_model
+    from roofline.models.registry import model_class
+    from roofline.offload import LayerStore, StreamingExecutor, parse_placement
+
+    source = open_model(model_dir)
+    cfg = source.model_config()
+    model = model_class(cfg)(cfg)
+    layers = model.model.layers
+    executor = StreamingExecutor(layers, parse_placement("w=50/0/50", NUM_LAYERS), LayerStore(str(tmp_path), False),
+                                 torch.device("cpu"))
+    held = {i: layers[i].mlp.down_proj.weight for i in range(NUM_LAYERS)}  # as the model's loader holds them
+    freed_while_loading = []
+
+    def recording(tensors):
+        for item in tensors:  # before each tensor is handed over: is layer 2 (the first off-device one) gone yet?
+            freed_while_loading.append(held[2].untyped_storage().nbytes() == 0)
+            yield item
+
+    model.load_weights(executor.wrap_loading(recording(source.tensors(torch.float32))))
+    assert not freed_while_loading[0] and any(freed_while_loading)
+    assert all(held[i].untyped_storage().nbytes() == 0 for i in (2, 3))
+    assert all(held[i].untyped_storage().nbytes() > 0 for i in (0, 1))
+    executor.close()

@@ -124,7 +124,8 @@ def test_the_rayservice_is_well_formed_and_imports_a_real_app_builder():
     module_name, _, attribute = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module_name), attribute)  # the app KubeRay would build
     assert callable(builder) and set(app["args"]) <= {"model", "serve_args", "num_replicas", "min_replicas",
-                                                      "max_replicas", "idle_timeout_s", "num_cpus"}
+                                                      "max_replicas", "idle_timeout_s", "look_back_period_s",
+                                                      "num_cpus"}
     build_parser().parse_args(["serve", *app["args"]["serve_args"]])  # flags the replicas will parse
     scaling = app["deployments"][0]["autoscaling_config"]
     assert scaling["min_replicas"] == 0 <= scaling["initial_replicas"] <= scaling["max_replicas"]

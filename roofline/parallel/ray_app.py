@@ -19,6 +19,8 @@ from roofline.errors import ConfigError
 
 logger = logging.getLogger("roofline.parallel")
 DEPLOYMENT_NAME = "RooflineEngine"
+# "0": Ray's single-machine mode, in which a local Ray binds and talks on loopback only (its name is Ray's)
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 APP_NAME = "roofline"
 
 
@@ -32,6 +34,7 @@ class RayServeOptions:
     target_ongoing_requests: int = 8  # per replica, before Ray adds one
     idle_timeout_s: float = 60.0  # scale down (to zero too) after this long below target
     num_cpus: float = 1.0  # Ray CPUs each replica reserves
+    look_back_period_s: float = 30.0  # load averaged over this long (must exceed Ray's metrics push interval)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and self.num_replicas < 1:
@@ -55,7 +58,7 @@ class RayServeOptions:
                 "initial_replicas": max(1, self.min_replicas),
                 "target_ongoing_requests": self.target_ongoing_requests,
                 "upscale_delay_s": 0.0, "downscale_delay_s": self.idle_timeout_s,
-                "downscale_to_zero_delay_s": self.idle_timeout_s, "look_back_period_s": 2.0}
+                "downscale_to_zero_delay_s": self.idle_timeout_s, "look_back_period_s": self.look_back_period_s}
         return options
 
 
@@ -124,7 +127,8 @@ def app_builder(args: dict):
     """The application for Ray's config files (KubeRay's serveConfigV2, `serve run`), from its `args`.
 
     args: model (default "default"), serve_args (more `roofline serve` flags), num_replicas, or
-    min_replicas and max_replicas to autoscale, idle_timeout_s, num_cpus. API keys: $ROOFLINE_API_KEY.
+    min_replicas and max_replicas to autoscale, idle_timeout_s, look_back_period_s, num_cpus.
+    API keys: $ROOFLINE_API_KEY.
     """
     import os
 
@@ -132,7 +136,8 @@ def app_builder(args: dict):
     options = RayServeOptions(
         num_replicas=None if scaled else int(args.get("num_replicas", 1)),
         min_replicas=int(args.get("min_replicas", 1)), max_replicas=int(args.get("max_replicas", 1)),
-        idle_timeout_s=float(args.get("idle_timeout_s", 60.0)), num_cpus=float(args.get("num_cpus", 1.0)))
+        idle_timeout_s=float(args.get("idle_timeout_s", 60.0)), num_cpus=float(args.get("num_cpus", 1.0)),
+        look_back_period_s=float(args.get("look_back_period_s", 30.0)))
     serve_args = ["--model", str(args.get("model", "default")), "--threads", str(max(1, int(options.num_cpus))),
                   *map(str, args.get("serve_args", []))]
     keys = (os.environ["ROOFLINE_API_KEY"],) if os.environ.get("ROOFLINE_API_KEY") else ()
@@ -177,6 +182,9 @@ def cmd_serve_ray(args) -> int:
     from roofline.parallel.serve import replica_serve_args, serve_parser
     from roofline.server.commands import bind_port, served_model_name
 
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # a local instance keeps to loopback, as every roofline server does; read at import
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     try:
         import ray
         from ray import serve
@@ -189,8 +197,6 @@ def cmd_serve_ray(args) -> int:
     name = args.served_model_name or served_model_name(args.model)
     serve_args = replica_serve_args(args, serve_parser()) + [
         "--served-model-name", name, "--threads", str(max(1, int(options.num_cpus)))]
-    address = os.environ.get("RAY_ADDRESS") or None
-    # a local instance keeps to loopback, as every roofline server does by default
     ray.init(address=address, include_dashboard=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,14 @@ import os
 
 import pytest
 
+# Ray reads these when it is imported: single-machine mode, so a local Ray binds and talks on loopback only
+# (never the machine's own interface address), and no usage report
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# replicas report their load every 0.5 s (Ray's default: 10 s), so the scale-to-zero test waits seconds
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+
 
 def save_random_llama(path: str, write_tokenizer) -> None:
     """A 2-layer Llama with random weights, written directly (no transformers import: seconds saved)."""

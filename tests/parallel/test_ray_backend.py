@@ -18,7 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from roofline.parallel.ray_app import APP_NAME, DEPLOYMENT_NAME, RayServeOptions, app_builder, build_app  # noqa: E402,E501
+from roofline.parallel.ray_app import (APP_NAME, DEPLOYMENT_NAME, LOOPBACK_ONLY_ENV, RayServeOptions,  # noqa: E402
+                                       app_builder, build_app)
 
 KEY = "ray-test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -34,7 +35,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_url():
     """A local Ray with Serve's HTTP proxy on a free loopback port."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    assert os.environ.get(LOOPBACK_ONLY_ENV) == "0"  # set by conftest.py before anything imports ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 << 20,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = _free_port()
@@ -105,6 +106,7 @@ def test_autoscaling_from_zero_returns_to_zero_when_idle_and_serves_the_next_req
     os.environ["ROOFLINE_API_KEY"] = KEY
     try:
         serve.run(app_builder({"model": random_llama_dir, "min_replicas": 0, "max_replicas": 1, "idle_timeout_s": 3,
+                               "look_back_period_s": 1,
                                "num_cpus": 0.5, "serve_args": ["--kv-cache-memory", "16MiB"]}),
                   name=APP_NAME, route_prefix="/")
     finally:

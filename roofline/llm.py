@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from roofline.config import CacheConfig, DeviceConfig, EngineConfig, OffloadConfig, QuantConfig, SchedulerConfig
 from roofline.engine.llm_engine import LLMEngine
-from roofline.engine.pooling import DEFAULT_POOLING, truncate_embedding
+from roofline.engine.pooling import truncate_embedding
 from roofline.errors import InvalidRequestError
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
@@ -80,11 +80,12 @@ class LLM:
             out.prompt = text
         return outputs
 
-    def embed(self, inputs: Prompt | Sequence[Prompt], pooling: str = DEFAULT_POOLING,
+    def embed(self, inputs: Prompt | Sequence[Prompt], pooling: str | None = None,
               dimensions: int | None = None) -> list[list[float]]:
         """L2-normalized embeddings of texts or token-id lists, in order (docs/api.md, "Embeddings").
 
-        pooling: "last" (the final normed hidden state of the last token) or "mean" (of every token);
+        pooling: "last" (the final normed hidden state of the last token) or "mean" (of every token); default
+        the model directory's sentence-transformers pooling config, else "last";
         dimensions: keep the first entries and renormalize (at most the hidden size).
         """
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
@@ -96,7 +97,7 @@ class LLM:
         if dimensions is not None and not (isinstance(dimensions, int) and 1 <= dimensions <= hidden):
             raise InvalidRequestError(f"dimensions must be an integer in [1, {hidden}] (the hidden size), "
                                       f"got {dimensions}")
-        params = SamplingParams(pooling=pooling)
+        params = SamplingParams(pooling=pooling or self.engine.default_pooling)
         outputs = self._run(inputs, [params] * len(inputs), False)
         return [truncate_embedding(out.embedding, dimensions) for out in outputs]
 

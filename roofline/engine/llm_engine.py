@@ -14,6 +14,7 @@ from roofline.config import EngineConfig
 from roofline.engine.kv_cache import KVCacheManager
 from roofline.engine.model_runner import ModelRunner, configure_threads
 from roofline.engine.output_processor import OutputProcessor
+from roofline.engine.pooling import configured_pooling
 from roofline.engine.request import Request, RequestStatus
 from roofline.engine.scheduler import Scheduler, SchedulerOutput
 from roofline.engine.structured import GrammarEngine, StructuredRows
@@ -52,6 +53,7 @@ class LLMEngine:
         self.tokenizer = source.tokenizer()
         self.runner = ModelRunner.load(source, config, progress)
         self.grammar = GrammarEngine(self.tokenizer, self.model_config.vocab_size)  # structured outputs
+        self.default_pooling = configured_pooling(config.model)  # embeddings that name no pooling
         self.runner.structured = StructuredRows(self.grammar)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or limit, limit)

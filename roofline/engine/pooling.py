@@ -13,12 +13,17 @@ every position, so its requests bypass the prefix cache (Request.skips_prefix_ca
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
+logger = logging.getLogger("roofline")
 POOLING_KINDS = ("last", "mean")
 DEFAULT_POOLING = "last"  # decoder LMs without a pooling config: the last token has attended to all the others
+_ST_MODES = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}  # sentence-transformers' names
 
 
 @dataclass
@@ -53,6 +58,24 @@ def pool_chunks(hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, P
             value = hidden[c.row + c.num_tokens - 1].float().clone() if c.is_last else None
         pooled[c.request_id] = PooledChunk(c.start, c.num_tokens, value, c.is_last)
     return pooled
+
+
+def configured_pooling(model: str) -> str:
+    """The pooling a sentence-transformers model directory declares (modules.json -> Pooling config), else "last"."""
+    try:
+        with open(os.path.join(model, "modules.json"), encoding="utf-8") as f:
+            modules = json.load(f)
+        folder = next(m["path"] for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        with open(os.path.join(model, folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return DEFAULT_POOLING  # no such files (a GGUF file, a plain LM) or unreadable ones: the decoder-LM rule
+    for key, kind in _ST_MODES.items():
+        if isinstance(config, dict) and config.get(key) is True:
+            return kind
+    logger.warning("the model's pooling config %s names no mode roofline has (last, mean): embeddings use %s",
+                   os.path.join(model, folder, "config.json"), DEFAULT_POOLING)
+    return DEFAULT_POOLING
 
 
 def l2_normalize(vector: torch.Tensor) -> torch.Tensor:

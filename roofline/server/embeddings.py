@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
-from roofline.engine.pooling import DEFAULT_POOLING, truncate_embedding
+from roofline.engine.pooling import truncate_embedding
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
 from roofline.server.context import ServingContext
@@ -105,7 +105,7 @@ async def create_embeddings(req: EmbeddingRequest, ctx: ServingContext, job: Job
         raise APIError(400, f"dimensions ({req.dimensions}) is larger than this model's embedding size ({hidden})",
                        code="invalid_value", param="dimensions")
     inputs = embedding_inputs(req, model_config.vocab_size)
-    pooling = req.pooling or DEFAULT_POOLING
+    pooling = req.pooling or ctx.engine.engine.default_pooling
     outputs = await _embed_all(ctx, inputs, SamplingParams(pooling=pooling), new_id("embd"), job)
     data = [EmbeddingData(embedding=encode_embedding(truncate_embedding(out.embedding, req.dimensions),
                                                      req.encoding_format), index=i)

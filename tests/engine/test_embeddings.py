@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from roofline import LLM
-from roofline.engine.pooling import PooledChunk, PoolingAccumulator, truncate_embedding
+from roofline.engine.pooling import PooledChunk, PoolingAccumulator, configured_pooling, truncate_embedding
 from roofline.errors import ContextOverflowError, InvalidRequestError
 from roofline.sampling_params import SamplingParams
 
@@ -183,3 +186,20 @@ def test_preempted_embeddings_keep_their_vectors(model_dir, hf, reference, mode)
     assert engine.scheduler.num_preemptions > 0
     for i, (rid, ids) in enumerate(prompts.items()):
         assert_close(final[rid].embedding, expected(hf, ids, "mean" if i % 2 else "last"))
+
+
+def test_a_sentence_transformers_pooling_config_sets_the_default(model_dir, hf, reference, tmp_path):
+    st_dir = tmp_path / "st-model"
+    shutil.copytree(model_dir, st_dir)
+    (st_dir / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (st_dir / "1_Pooling").mkdir()
+    (st_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True,
+                                                                 "pooling_mode_lasttoken": False}))
+    st = LLM(str(st_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 20, max_model_len=MAX_MODEL_LEN)
+    assert st.engine.default_pooling == "mean"
+    ids = reference.random_prompt(20, seed=77)
+    assert_close(st.embed([ids])[0], expected(hf, ids, "mean"))
+    assert_close(st.embed([ids], pooling="last")[0], expected(hf, ids, "last"))
+    assert configured_pooling(model_dir) == configured_pooling("default") == "last"

@@ -3,6 +3,7 @@ its config read once (bench/cold_start.py measures the time; docs/benchmarks.md 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -78,3 +79,30 @@ def test_gguf_quantized_blocks_are_views_of_the_file_map():
     assert np.array_equal(plain.numpy(), np.asarray(data[start:start + plain.numel()]).reshape(plain.shape))
     permuted = blocks["model.layers.0.self_attn.q_proj.weight"].blocks  # rows reordered: a copy, off the map
     assert not lo <= permuted.data_ptr() < hi
+
+
+def test_the_collector_is_off_only_while_the_model_loads(monkeypatch):
+    from roofline import cli
+
+    states = []
+    real = cli._make_llm
+
+    def spy(args):
+        states.append(gc.isenabled())  # before the load: off
+        llm = real(args)
+        states.append(gc.isenabled())  # after: on again
+        return llm
+
+    monkeypatch.setattr(cli, "_make_llm", spy)
+    assert gc.isenabled()
+    assert cli.main(["generate", "--model", "default", "--prompt", "Hi", "--max-tokens", "1", "--threads", "1",
+                     "--kernels", "default"]) == 0
+    assert states == [False, True] and gc.isenabled()
+    # a command that fails before its model loads leaves it on; --compile never turns it off
+    assert cli.main(["generate", "--model", "/no/such/model", "--prompt", "Hi"]) == 2 and gc.isenabled()
+    args = cli.build_parser("generate").parse_args(["generate", "--prompt", "Hi", "--compile"])
+    cli._pause_gc_for_start_up(args)
+    assert gc.isenabled()
+    args = cli.build_parser().parse_args(["serve", "--data-parallel-size", "2"])
+    cli._pause_gc_for_start_up(args)  # the router process loads no model
+    assert gc.isenabled()

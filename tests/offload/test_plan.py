@@ -89,3 +89,15 @@ def test_llm_with_a_memory_limit_runs_the_planned_placement_with_resident_output
     got = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     llm.engine.runner.streamer.close()
+
+
+def test_the_engine_and_the_plan_search_choose_the_same_placement():
+    from roofline.offload.plan import _workload, engine_hardware
+    from roofline.planner.model_spec import spec_from_config
+    from roofline.planner.search import PlanRequest, search
+
+    for limit in (800_000, 1_000_000, 8_000_000):  # 4 layers: the search's 25% steps are whole layers
+        hw = engine_hardware(False, limit)
+        result = search(spec_from_config(TINY, native_format=FP32), hw,
+                        PlanRequest(workload=_workload(TINY, 64), weight_formats=("fp32",), max_batch=8))
+        assert _plan(limit).placement.fractions() == result.plans[0].layout.placement

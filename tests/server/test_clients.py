@@ -1,9 +1,10 @@
 """Real clients against the served default model (issue 15 item 6): the official openai SDK and LangChain.
 
 LangChain's OpenAIEmbeddings tokenizes with tiktoken by default and sends token ids; tiktoken's encodings
-are downloaded on first use (never here) and are not the served model's ids anyway. So its length-safe
-path is tested with tiktoken_enabled=False and the served model's tokenizer (it then sends text chunks),
-token-id inputs through the openai SDK, and raw texts with check_embedding_ctx_length=False.
+are downloaded on first use (never here) and are not the served model's ids anyway. So its token-id path
+runs with tiktoken's lookup answered by the served model's tokenizer, its length-safe text path with
+tiktoken_enabled=False and that tokenizer (it then sends text chunks), and raw texts with
+check_embedding_ctx_length=False.
 """
 
 from __future__ import annotations
@@ -111,3 +112,30 @@ def test_langchain_embeddings_both_paths(server, tmp_path):
     for a, b in zip(raw, chunked):  # one chunk per text: the same vector, renormalized by LangChain
         assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-4
     assert np.abs(np.asarray(query) - np.asarray(chunked[0])).max() < 1e-4
+
+
+class _ServedEncoding:
+    """What LangChain asks of a tiktoken encoding, answered with the served model's token ids."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.sent: list[list[int]] = []
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        self.sent.append(ids)
+        return ids
+
+
+def test_langchain_embeddings_send_token_ids(server, oai, monkeypatch):
+    tiktoken = langchain_openai.embeddings.base.tiktoken
+    encoding = _ServedEncoding(server.ctx.tokenizer)
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: encoding)
+    got = _embeddings(server).embed_documents(TEXTS)  # the default: length-checked, token ids on the wire
+    assert [len(ids) for ids in encoding.sent] == [len(server.ctx.tokenizer.encode(t)) for t in TEXTS]
+    want = oai.embeddings.create(model=server.model, input=TEXTS, encoding_format="float").data
+    for a, b in zip(got, want):
+        assert np.abs(np.asarray(a) - np.asarray(b.embedding)).max() < 1e-4
+    # a text longer than embedding_ctx_length goes as several token-id chunks, averaged by LangChain
+    (long,) = _embeddings(server, embedding_ctx_length=4).embed_documents([TEXTS[0]])
+    assert abs(np.linalg.norm(long) - 1) < 1e-5 and np.abs(np.asarray(long) - np.asarray(got[0])).max() > 1e-3

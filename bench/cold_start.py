@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ import time
 HOST = "127.0.0.1"
 MARKS_ENV = "ROOFLINE_COLD_START_MARKS"  # the child appends {"mark", "t", "cpu"} lines to this file
 T0_ENV = "ROOFLINE_COLD_START_T0"  # the parent's time.time() just before spawning the child
+PAUSE_GC_ENV = "ROOFLINE_COLD_START_PAUSE_GC"  # "1": the tree's CLI turns the collector off at start-up
 STAGES = [("interpreter", "spawn", "start"), ("import torch", "start", "torch"),
           ("import roofline", "torch", "roofline"), ("cli", "roofline", "llm_start"),
           ("open model", "llm_start", "load_start"), ("weights", "load_start", "kernels_start"),
@@ -58,6 +60,12 @@ def _child(argv: list[str]) -> None:
         marks.write(json.dumps({"mark": name, "t": time.time(), "cpu": time.process_time()}) + "\n")
 
     mark("start")
+    if os.environ.get(PAUSE_GC_ENV) == "1":
+        # as main() does first: the collector off before torch is imported (main's own call then finds it
+        # off and leaves it so; _make_llm turns it back on)
+        import roofline.cli as cli
+
+        cli._pause_gc_for_start_up(cli.build_parser(argv[0]).parse_args(argv))
     import torch  # noqa: F401 - timed on its own
 
     mark("torch")
@@ -93,7 +101,8 @@ def _child(argv: list[str]) -> None:
         return outs
 
     llm_engine.LLMEngine.step = first_step
-    code = cli.main(argv)
+    sys.argv = ["roofline", *argv]
+    code = cli.main()  # as the console script calls it
     mark("exit")
     marks.close()
     sys.exit(code)
@@ -128,6 +137,9 @@ def _spawn(cli_args: list[str], marks_path: str, threads: int | None, src: str |
         env["OMP_NUM_THREADS"] = str(threads)
         cli_args = [*cli_args, "--threads", str(threads)]
     env[MARKS_ENV] = marks_path
+    cli_path = os.path.join(src, "roofline", "cli.py") if src else importlib.util.find_spec("roofline.cli").origin
+    with open(cli_path) as f:
+        env[PAUSE_GC_ENV] = "1" if "_pause_gc_for_start_up" in f.read() else "0"
     t0 = time.time()
     env[T0_ENV] = repr(t0)
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", *cli_args], env=env,
@@ -189,6 +201,7 @@ def run_serve(model: str, threads: int | None, src: str | None = None) -> dict[s
     marks = _read_marks(path)
     os.unlink(path)
     row = _stages(marks, t0)
+    row.pop("command rest", None)  # serve's command runs until it is stopped
     row.update(health=health - t0, total=first - t0, cpu_total=cpu,
                others=max(_busy_cpu_s() - busy0 - cpu, 0.0) / (time.time() - t0))
     return row
@@ -197,6 +210,8 @@ def run_serve(model: str, threads: int | None, src: str | None = None) -> dict[s
 def _stages(marks: dict[str, tuple[float, float]], t0: float) -> dict[str, float]:
     marks = {"spawn": (t0, 0.0), **marks}
     row = {}
+    if "first_token" in marks:
+        row["first_token"], row["cpu_first_token"] = marks["first_token"][0] - t0, marks["first_token"][1]
     for name, a, b in STAGES:
         if a in marks and b in marks:
             row[name] = marks[b][0] - marks[a][0]
@@ -212,6 +227,8 @@ def _table(title: str, rows: list[dict[str, float]], extra: list[tuple[str, str]
     for name, _, _ in STAGES:
         if all(name in r for r in rows):
             lines.append(f"  {name:<16}{med(name):8.2f}{med('cpu_' + name):8.2f}")
+    if all("first_token" in r for r in rows):
+        lines.append(f"  {'FIRST TOKEN':<16}{med('first_token'):8.2f}{med('cpu_first_token'):8.2f}   (spawn -> first token)")
     for label, key in extra:
         cpu = f"{med('cpu_total'):8.2f}" if key == "total" else ""
         lines.append(f"  {label:<16}{med(key):8.2f}{cpu}")

@@ -21,10 +21,21 @@ DEFERRED = ("torch._dynamo", "torch._inductor", "fastapi", "uvicorn", "starlette
             "roofline.server.app", "roofline.batch")
 
 _PROBE = """
-import json, sys
-from roofline.cli import main
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "loaded": [m for m in %r if m in sys.modules]}))
+import gc, json, sys
+from roofline import cli
+
+seen = []
+make_llm = cli._make_llm
+def spy(args):
+    seen.append(gc.isenabled())
+    llm = make_llm(args)
+    seen.append(gc.isenabled())
+    return llm
+cli._make_llm = spy
+sys.argv = ["roofline", *sys.argv[1:]]
+code = cli.main()
+print(json.dumps({"code": code, "loaded": [m for m in %r if m in sys.modules], "gc": seen + [gc.isenabled()],
+                  "frozen": gc.get_freeze_count() > 0}))
 """ % (DEFERRED,)
 
 
@@ -37,7 +48,8 @@ def test_generate_imports_nothing_it_does_not_use():
     assert proc.returncode == 0, proc.stderr[-2000:]
     *text, last = proc.stdout.strip().splitlines()
     result = json.loads(last)
-    assert result == {"code": 0, "loaded": []}
+    # the collector was off while the model loaded, then on, the start-up's objects frozen out of its scans
+    assert result == {"code": 0, "loaded": [], "gc": [False, True, True], "frozen": True}
     assert "".join(text).strip()  # it did generate
 
 
@@ -81,28 +93,23 @@ def test_gguf_quantized_blocks_are_views_of_the_file_map():
     assert not lo <= permuted.data_ptr() < hi
 
 
-def test_the_collector_is_off_only_while_the_model_loads(monkeypatch):
+def test_the_collector_stays_on_when_main_is_called_in_a_callers_process():
     from roofline import cli
 
-    states = []
-    real = cli._make_llm
-
-    def spy(args):
-        states.append(gc.isenabled())  # before the load: off
-        llm = real(args)
-        states.append(gc.isenabled())  # after: on again
-        return llm
-
-    monkeypatch.setattr(cli, "_make_llm", spy)
-    assert gc.isenabled()
-    assert cli.main(["generate", "--model", "default", "--prompt", "Hi", "--max-tokens", "1", "--threads", "1",
-                     "--kernels", "default"]) == 0
-    assert states == [False, True] and gc.isenabled()
-    # a command that fails before its model loads leaves it on; --compile never turns it off
-    assert cli.main(["generate", "--model", "/no/such/model", "--prompt", "Hi"]) == 2 and gc.isenabled()
+    frozen = gc.get_freeze_count()
+    assert cli.main(["generate", "--model", "/no/such/model", "--prompt", "Hi"]) == 2
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    # as the entry point: off for the load unless --compile, and never for the data-parallel router
     args = cli.build_parser("generate").parse_args(["generate", "--prompt", "Hi", "--compile"])
     cli._pause_gc_for_start_up(args)
     assert gc.isenabled()
     args = cli.build_parser().parse_args(["serve", "--data-parallel-size", "2"])
-    cli._pause_gc_for_start_up(args)  # the router process loads no model
+    cli._pause_gc_for_start_up(args)
     assert gc.isenabled()
+    args = cli.build_parser("generate").parse_args(["generate", "--prompt", "Hi"])
+    try:
+        cli._pause_gc_for_start_up(args)
+        assert not gc.isenabled()
+    finally:
+        cli._gc_paused = False
+        gc.enable()

@@ -61,11 +61,14 @@ def _child(argv: list[str]) -> None:
 
     mark("start")
     if os.environ.get(PAUSE_GC_ENV) == "1":
-        # as main() does first: the collector off before torch is imported (main's own call then finds it
-        # off and leaves it so; _make_llm turns it back on)
+        # as main() does for these commands before anything imports torch (its own call then finds the
+        # collector off and leaves it so; _make_llm turns it back on and freezes the start-up's objects)
+        import gc
+
         import roofline.cli as cli
 
-        cli._pause_gc_for_start_up(cli.build_parser(argv[0]).parse_args(argv))
+        gc.disable()
+        cli._gc_paused = True
     import torch  # noqa: F401 - timed on its own
 
     mark("torch")

@@ -2,6 +2,7 @@
 transformers + accelerate (device_map="auto", max_memory, offload_folder), in one run.
 
     python bench/offload.py [--limit 330MB] [--layers 15] [--batch 4] [--new-tokens 8] [--placements auto,w=0/100/0]
+        [--skip-accelerate]
 
 A random-weight Llama-family checkpoint (hidden 1024, MLP 4096, GQA 16:4, vocab 8192; about 1 GB of fp32
 safetensors, one shard per layer, written layer by layer so this process never holds it) goes to a temp
@@ -188,6 +189,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--placements", default="auto,w=0/100/0,w=7/0/93")
     parser.add_argument("--timeout-s", type=int, default=120)
+    parser.add_argument("--skip-accelerate", action="store_true", help="roofline rows only")
     parser.add_argument("--worker", choices=["roofline", "accelerate"])
     parser.add_argument("--model")
     parser.add_argument("--placement", default="auto")
@@ -211,7 +213,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "roofline.cli", "calibrate", "--quick"], env=env, check=True,
                        capture_output=True)
         rows = [run_worker("roofline", args, model, env, ["--placement", p]) for p in args.placements.split(",")]
-        rows.append(run_worker("accelerate", args, model, env, []))
+        if not args.skip_accelerate:
+            rows.append(run_worker("accelerate", args, model, env, []))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

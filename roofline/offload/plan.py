@@ -88,17 +88,16 @@ def plan_offload(model_config: ModelConfig, fmt: WeightFormat, config: OffloadCo
         placement = parse_placement(config.offload, n)
         if placement.kv_on_device < 1.0:
             raise ConfigError("offload: KV blocks in host RAM are not supported yet; use kv=100/0")
-        if limit is None:
-            return OffloadPlan(placement, 0.0, 1, None, None, "none (no --memory-limit)")
-        hw = engine_hardware(is_cuda, limit)
+        # without a limit the prediction is for the memory available now, and the usual KV rule applies
+        hw = engine_hardware(is_cuda, limit if limit is not None else int(psutil.virtual_memory().available))
         layout = _layout(hw, fmt, placement.fractions())
         memory = memory_needed(spec, hw, layout, 1, workload.context)
         if not memory.fits:
             raise ConfigError(f"offload {config.offload} needs {format_bytes(memory.total)} for one "
-                              f"sequence of {workload.context} tokens; --memory-limit is {format_bytes(limit)}")
+                              f"sequence of {workload.context} tokens; the memory limit is {format_bytes(hw.memory_bytes)}")
         plan = best_plan_for_layout(spec, hw, layout, _request(workload, max_num_seqs))
-        return OffloadPlan(placement, plan.prediction.throughput_tok_s, plan.batch,
-                           _kv_budget(plan.memory, limit, kv_memory), plan.memory, hw.name)
+        kv_bytes = None if limit is None else _kv_budget(plan.memory, limit, kv_memory)
+        return OffloadPlan(placement, plan.prediction.throughput_tok_s, plan.batch, kv_bytes, plan.memory, hw.name)
     hw = engine_hardware(is_cuda, limit)
     request = _request(workload, max_num_seqs)
     best = None

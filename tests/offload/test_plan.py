@@ -49,7 +49,8 @@ def test_a_given_placement_is_checked_against_the_limit():
         _plan(800_000, "w=100/0/0")
     given = _plan(800_000, "w=0/50/50")
     assert given.placement.describe() == "w0/50/50 kv100/0" and given.kv_bytes > 0
-    assert _plan(None, "w=0/0/100").kv_bytes is None  # no limit: the usual KV rule
+    unlimited = _plan(None, "w=0/0/100")
+    assert unlimited.kv_bytes is None and unlimited.predicted_tok_s > 0  # no limit: the usual KV rule
     with pytest.raises(ConfigError, match="KV blocks in host RAM are not supported yet"):
         _plan(800_000, "w=0/0/100,kv=50/50")
 

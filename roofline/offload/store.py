@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -68,8 +69,12 @@ class LayerStore:
         os.makedirs(self.directory, exist_ok=True)
         self.pin_host = pin_host  # a GPU is present: the host tier is pinned RAM, not the file's pages
         self.blobs: dict[int, LayerBlob] = {}
-        self._fds = {tier: os.open(os.path.join(self.directory, f"{tier.value}-{os.getpid()}-{id(self)}.bin"),
-                                   os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) for tier in (Tier.HOST, Tier.DISK)}
+        paths = [os.path.join(self.directory, f"{tier.value}-{os.getpid()}-{id(self)}.bin") for tier in Tier
+                 if tier is not Tier.DEVICE]
+        self._fds = {tier: os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                     for tier, path in zip((Tier.HOST, Tier.DISK), paths)}
+        # the files go when the store is closed, collected, or the process exits, whichever comes first
+        self._cleanup = weakref.finalize(self, _remove, paths, self.directory if self.owns_dir else None)
         self._sizes = {Tier.HOST: 0, Tier.DISK: 0}
         self._pinned: dict[int, torch.Tensor] = {}  # layer -> pinned blob (GPU host tier)
         self._host_map: mmap.mmap | None = None
@@ -149,10 +154,13 @@ class LayerStore:
             os.close(fd)
         self._fds = {}
         self._pinned.clear()
-        if self.owns_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        else:
-            for tier in (Tier.HOST, Tier.DISK):
-                path = os.path.join(self.directory, f"{tier.value}-{os.getpid()}-{id(self)}.bin")
-                if os.path.exists(path):
-                    os.remove(path)
+        self._cleanup()
+
+
+def _remove(paths: list[str], directory: str | None) -> None:
+    """Delete the converted files, and the directory when the store made it."""
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

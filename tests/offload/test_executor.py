@@ -114,3 +114,14 @@ def test_an_offloaded_layer_frees_its_memory_while_the_checkpoint_is_still_loadi
     assert all(held[i].untyped_storage().nbytes() == 0 for i in (2, 3))
     assert all(held[i].untyped_storage().nbytes() > 0 for i in (0, 1))
     executor.close()
+
+
+def test_the_converted_files_go_at_process_exit_without_close(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    code = (f"from roofline import LLM; llm = LLM({model_dir!r}, kv_cache_memory=1 << 22, swap_space=0, "
+            f"offload='w=0/50/50', offload_dir={str(tmp_path)!r}); import os; print(len(os.listdir({str(tmp_path)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"  # a host file and a disk file while it ran
+    assert os.listdir(tmp_path) == []

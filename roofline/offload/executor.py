@@ -92,6 +92,9 @@ class StreamingExecutor:
         self._expected = {i: _expected_tensors(layers[i]) for i in self.order}
         self._seen = dict.fromkeys(self.order, 0)
         _allocate_apart([layers[i] for i in self.order])
+        # what the loader filled: a layer that packs itself on its last shard (int4) replaces its weight, and
+        # the loader's own reference would keep the unpacked one alive until the whole model is in
+        self._loading = {i: list(layers[i].parameters()) + list(layers[i].buffers()) for i in self.order}
         self._buffers: list[torch.Tensor] = []  # [max_blob_bytes] uint8 on the device, NUM_BUFFERS of them
         self._staging: list[torch.Tensor] = []  # pinned CPU buffers disk reads land in (GPU only)
         self._bound: dict[int, list[list[tuple[nn.Module, str, bool, torch.Tensor]]]] = {}  # layer -> per buffer
@@ -144,6 +147,9 @@ class StreamingExecutor:
             placeholders.append((sub, attr, is_param, placeholder))
         self._unbound[layer] = placeholders
         self._seen[layer] = -1
+        for t in self._loading.pop(layer):
+            if t.device.type != "meta" and t.untyped_storage().resizable():
+                t.untyped_storage().resize_(0)
 
     # ---- run time ----
     def attach(self) -> None:

@@ -125,3 +125,25 @@ def test_the_converted_files_go_at_process_exit_without_close(model_dir, tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"  # a host file and a disk file while it ran
     assert os.listdir(tmp_path) == []
+
+
+def test_an_int4_layer_that_packs_itself_frees_its_unpacked_weight_too(model_dir, tmp_path):
+    from roofline import quant
+    from roofline.loaders import open_model
+    from roofline.models.registry import model_class
+    from roofline.offload import LayerStore, StreamingExecutor, parse_placement
+
+    source = open_model(model_dir)
+    cfg = source.model_config()
+    model = model_class(cfg)(cfg)
+    quant.quantize_model(model, quant.plan_quantization(model, "int4", 32))
+    layers = model.model.layers
+    unpacked = layers[3].mlp.gate_up_proj.weight  # one byte per value until the layer packs itself
+    executor = StreamingExecutor(layers, parse_placement("w=50/0/50", NUM_LAYERS), LayerStore(str(tmp_path), False),
+                                 torch.device("cpu"))
+    model.load_weights(executor.wrap_loading(quant.route_tensors(model, source.tensors(torch.float32))))
+    assert unpacked.untyped_storage().nbytes() == 0
+    assert layers[3].mlp.gate_up_proj.weight.device.type == "meta"
+    entry = next(e for e in executor.store.blobs[3].entries if e.module_path == "mlp.gate_up_proj" and e.attr == "weight")
+    assert entry.num_bytes < unpacked.numel()  # what was stored is the packed form
+    executor.close()

@@ -23,6 +23,9 @@ Each child runs the real CLI (`roofline.cli.main`) with timestamps hooked onto i
   first token     LLM() done -> the first engine step that samples a token (first-call warm-up included)
   command rest    the command after that token (generate: print, return) up to main() returning
   teardown        generate only: main() returned -> the process has exited (interpreter shutdown)
+--only ray (not in the default set: it starts a local Ray): `roofline serve --backend ray --autoscale 0,1
+--idle-timeout 2`, spawn -> first answer, then, once its replica has gone, the first answer after zero
+replicas (Ray schedules and starts a replica while the request waits) against a warm one.
 Other processes' CPU use while each run went is shown: the machine may be shared.
 """
 
@@ -210,6 +213,81 @@ def run_serve(model: str, threads: int | None, src: str | None = None) -> dict[s
     return row
 
 
+def run_ray(model: str, threads: int | None, src: str | None = None) -> dict[str, float]:
+    """`roofline serve --backend ray --autoscale 0,1` on a local Ray: spawn -> first answer, then the
+    first answer after it scaled to zero (a replica scheduled, started and loaded while the request
+    waits), against a warm request."""
+    import httpx
+    import psutil
+
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           # report load every 0.5 s (Ray's default: 10 s), so the idle replica goes in seconds
+           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+    env.pop("ROOFLINE_API_KEY", None)
+    if src is not None:
+        env["PYTHONPATH"] = os.path.abspath(src)
+    argv = [sys.executable, "-m", "roofline.cli", "serve", "--backend", "ray", "--model", model, "--host", HOST,
+            "--port", str(port), "--autoscale", "0,1", "--idle-timeout", "2", "--log-level", "warning"]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    t0 = time.time()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    body = {"prompt": "Hi", "max_tokens": 1}
+
+    def replicas() -> int:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        return sum(1 for p in tree if "ServeReplica" in " ".join(_cmdline(p)))
+
+    row: dict[str, float] = {}
+    try:
+        with httpx.Client(timeout=120) as client:
+            while True:
+                if proc.poll() is not None or time.time() - t0 > 180:
+                    raise SystemExit("serve --backend ray did not come up")
+                try:
+                    if client.post(f"{url}/v1/completions", json=body).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            row["total"] = time.time() - t0
+            deadline = time.time() + 120
+            while replicas() and time.time() < deadline:
+                time.sleep(0.2)
+            if replicas():
+                raise SystemExit("the replica did not scale to zero")
+            time.sleep(1.0)
+            start = time.time()
+            client.post(f"{url}/v1/completions", json=body).raise_for_status()
+            row["from_zero"] = time.time() - start
+            start = time.time()
+            client.post(f"{url}/v1/completions", json=body).raise_for_status()
+            row["warm"] = time.time() - start
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # its own session: the Ray processes it started, and nothing else
+            proc.wait()
+    row["cpu_total"] = 0.0
+    return row
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:  # noqa: BLE001 - a process that just went
+        return []
+
+
 def _stages(marks: dict[str, tuple[float, float]], t0: float) -> dict[str, float]:
     marks = {"spawn": (t0, 0.0), **marks}
     row = {}
@@ -246,7 +324,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="--threads for the CLI (default: its own)")
-    parser.add_argument("--only", choices=["generate", "serve"], default=None)
+    parser.add_argument("--only", choices=["generate", "serve", "ray"], default=None,
+                        help="one start-up (ray: serve --backend ray from zero replicas; not run by default)")
     parser.add_argument("--baseline-src", default=None, help="a directory holding another roofline package")
     args = parser.parse_args()
     variants = [("this tree", None)] + ([(f"baseline {args.baseline_src}", args.baseline_src)]
@@ -256,6 +335,14 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     commands = [("roofline generate --prompt Hi --max-tokens 1", run_generate, [("teardown", "teardown"), ("exit (total)", "total")]),
                 ("roofline serve", run_serve, [("/health 200", "health"), ("1st completion", "total")])]
+    if args.only == "ray":
+        rows = [run_ray(args.model, args.threads) for _ in range(args.runs)]
+        med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+        runs = ", ".join(f"{r['from_zero']:.2f}" for r in rows)
+        print(f"roofline serve --backend ray --autoscale 0,1 (median of {len(rows)}): spawn -> first answer "
+              f"{med('total'):.2f} s; first answer after scaling to zero {med('from_zero'):.2f} s; warm "
+              f"{med('warm'):.3f} s; runs from zero: {runs}")
+        commands = []
     for title, run, extra in commands:
         if args.only not in (None, title.split()[1]):
             continue

@@ -104,7 +104,7 @@ class StreamingExecutor:
         self._pool: ThreadPoolExecutor | None = None
         self._hooks: list = []
         self._stream = self._released = None
-        self.bytes_fetched = 0  # counters for benchmarks and /metrics
+        self.bytes_fetched = 0  # counters for benchmarks
         self.wait_s = 0.0  # compute thread time spent waiting for a fetch
 
     # ---- load time ----

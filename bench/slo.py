@@ -1,7 +1,7 @@
 """Goodput under a mixed open-loop workload, for --scheduling fifo, priority and slo in the same run;
 then fair shares between two tenants, one sending 10x the other.
 
-    python bench/slo.py [--model default] [--duration 40] [--rates 0.5,1,2] [--threads 2]
+    python bench/slo.py [--model default] [--duration 40] [--rates 0.5,0.75,1] [--threads 2]
 
 Interactive requests (short prompts, 32 tokens, TTFT <= 1 s and TPOT <= 100 ms, class "interactive",
 priority 0) and batch requests (long prompts, 128 tokens, no target, class "bulk", priority 1) arrive
@@ -10,7 +10,7 @@ the same flags but --scheduling, warmed up the same way. Requests that arrive wi
 seconds count; an interactive request still unfinished at the end counts as missed. Printed per policy
 and rate: goodput (finished requests that met their targets, batch ones included, per second),
 interactive attainment, batch generated tok/s, p50/p99 TTFT and TPOT per class. The fairness part
-bursts 110 requests from tenant A and 11 from B (interleaved, `user` field) at a server with 8 seats
+bursts 220 requests from tenant A and 22 from B (interleaved, `user` field) at a server with 8 seats
 (so both stay backlogged) and reports each tenant's share of the tokens streamed until B's last request
 has its first token (after which B is no longer backlogged).
 """
@@ -36,6 +36,7 @@ from machine import cpu_name
 INTERACTIVE = {"ttft_ms": 1000.0, "tpot_ms": 100.0}
 CLASS_FLAGS = ["--slo-class", "interactive=ttft:1s,tpot:100ms,priority:0", "--slo-class", "bulk=priority:1"]
 FAIRNESS_SEATS = 8
+FAIRNESS_REQUESTS = 242  # 220 from A, 22 from B: long enough a backlog that shares settle
 WORDS = "the of and to in is was for on that with as by at from his her an which or be this are".split()
 
 
@@ -134,7 +135,7 @@ async def fairness(base_url: str) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=base_url, timeout=None,
                                  limits=httpx.Limits(max_connections=1000)) as client:
         tasks = []
-        for i in range(121):
+        for i in range(FAIRNESS_REQUESTS):
             tenant = "b" if i % 11 == 10 else "a"
             res = Result(tenant, time.monotonic())
             results.append(res)
@@ -216,7 +217,7 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--duration", type=float, default=40.0)
     p.add_argument("--grace", type=float, default=15.0, help="seconds after the last arrival before cutting off")
-    p.add_argument("--rates", default="0.5,1,2", help="multipliers of the base rates")
+    p.add_argument("--rates", default="0.5,0.75,1", help="multipliers of the base rates")
     p.add_argument("--base-interactive", type=float, default=1.0, help="interactive requests/s at multiplier 1")
     p.add_argument("--base-batch", type=float, default=0.5, help="batch requests/s at multiplier 1")
     p.add_argument("--threads", type=int, default=2)
@@ -240,7 +241,7 @@ def main() -> None:
         finally:
             stop_server(proc)
         if not args.skip_fairness and policy in ("fifo", "slo"):
-            # few seats, so that both tenants stay backlogged: B's 11 requests outnumber its fair share of them
+            # few seats, so that both tenants stay backlogged: B's 22 requests outnumber its fair share of them
             proc, url = start_server(args.model, policy, args.threads, "--max-num-seqs", str(FAIRNESS_SEATS))
             try:
                 shares[policy] = asyncio.run(fairness(url))

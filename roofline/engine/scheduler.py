@@ -32,6 +32,11 @@ from roofline.sampling_params import SamplingParams
 
 logger = logging.getLogger("roofline")
 MIN_PREFILL_CHUNK = 16  # prompt tokens a step takes at least while a TPOT budget cuts chunks, so prompts advance
+# slo: steps are planned to this share of the tightest TPOT target, headroom for the model's error and noise
+TPOT_MARGIN = 0.85
+# slo: a request without targets joins running ones with targets only while a decode step stays within this
+# share of the tightest, so the next request with a target still fits without preempting anything
+BULK_TPOT_SHARE = 0.7
 
 
 @dataclass
@@ -328,15 +333,16 @@ class Scheduler:
         targets = [t for r in group if (t := r.tpot_target_s) is not None]
         if not targets:
             return True
+        share = TPOT_MARGIN if request.tpot_target_s is not None else BULK_TPOT_SHARE
         predicted = self._predict_decode_s(group)
-        return predicted is None or predicted <= min(targets)
+        return predicted is None or predicted <= share * min(targets)
 
     def _tpot_room(self, running: list[Request], num_decodes: int, budget: int) -> int:
         """Prompt tokens a step may add to its decodes and stay within the tightest running TPOT target."""
         targets = [t for r in running if (t := r.tpot_target_s) is not None]
         if not self.is_slo or not targets or self.step_model is None:
             return budget
-        room = self.step_model.max_tokens_within(min(targets), len(running), num_decodes,
+        room = self.step_model.max_tokens_within(TPOT_MARGIN * min(targets), len(running), num_decodes,
                                                  sum(r.num_computed_tokens for r in running), budget)
         return budget if room is None else max(room, MIN_PREFILL_CHUNK)
 

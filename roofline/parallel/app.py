@@ -18,7 +18,8 @@ from roofline.server.metrics import CONTENT_TYPE
 from roofline.server.middleware import GuardMiddleware
 from roofline.server.streaming import ClientGone, until_disconnected
 
-_POSTED = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+_POSTED = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize")
+_EMBEDDINGS = "/v1/embeddings"
 _GENERATION = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -60,8 +61,11 @@ def create_router_app(proxy: ReplicaProxy, supervisor: ReplicaSupervisor, ctx: R
     async def posted(request: Request) -> Response:
         raw = await request.body()
         data = _parse(raw)
-        cost = estimate_cost(data, proxy.router.policy)
-        if request.url.path not in _GENERATION:  # tokenizing generates nothing: affinity only, no load
+        if request.url.path == _EMBEDDINGS and isinstance(data, dict):  # its prompt tokens, nothing generated
+            cost = estimate_cost({"prompt": data.get("input"), "max_tokens": 0}, proxy.router.policy)
+        else:
+            cost = estimate_cost(data, proxy.router.policy)
+        if request.url.path not in (*_GENERATION, _EMBEDDINGS):  # tokenizing computes nothing: affinity only
             cost = RequestCost(cost.prefix_key, 0)
         is_stream = isinstance(data, dict) and data.get("stream") is True
         return await forward(request, request.url.path, raw, cost, is_stream)

@@ -74,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, " \
-                      f"POST /v1/chat/completions, POST /tokenize, POST /detokenize"
+                      f"POST /v1/chat/completions, POST /v1/embeddings, POST /tokenize, POST /detokenize"
             return error_response(APIError(404, message, code="not_found"))
         if exc.status_code == 405:  # Starlette's Allow header (RFC 9110 requires it) is kept
             return error_response(APIError(405, f"method {request.method} is not allowed on {request.url.path}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -89,7 +91,11 @@ def test_every_command_takes_compile_and_enforce_eager(monkeypatch):
     import roofline.llm
 
     seen = {}
-    monkeypatch.setattr(roofline.llm, "LLM", lambda **kw: seen.update(kw))
+    def fake_llm(**kw):
+        seen.update(kw)
+        return types.SimpleNamespace(engine=types.SimpleNamespace(runner=types.SimpleNamespace(offload_plan=None)))
+
+    monkeypatch.setattr(roofline.llm, "LLM", fake_llm)
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--compile", "--enforce-eager"])
     cli._make_llm(args)
     assert seen["compile"] is True and seen["enforce_eager"] is True

@@ -23,6 +23,8 @@ import numpy as np
 NUM_TERMS = 4
 MIN_SAMPLES = 16  # steps measured before the model predicts anything
 REFIT_EVERY = 16  # steps between refits
+BIAS_WINDOW = 64  # recent steps whose measured/predicted ratio scales predictions
+MAX_BIAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class StepTimeModel:
         self._coef: np.ndarray | None = None if coefficients is None else np.asarray(coefficients, dtype=float)
         self._is_fixed = coefficients is not None
         self._since_fit = 0
+        # measured / fitted over the most recent steps: the fit averages over the whole window and runs low when
+        # steps have lately cost more than it says (mixed prompt and decode steps, a busy host); this corrects it
+        self._bias = 1.0
 
     @property
     def is_ready(self) -> bool:
@@ -73,7 +78,12 @@ class StepTimeModel:
         """Predicted seconds of a step of this shape, or None before enough steps were measured."""
         if self._coef is None:
             return None
-        return float(np.dot(self._coef, shape.features()))
+        return float(np.dot(self._coef, shape.features())) * self.bias
+
+    @property
+    def bias(self) -> float:
+        """How much longer than the fit recent steps took (mean ratio, 1 to MAX_BIAS); 1 for fixed coefficients."""
+        return self._bias
 
     def max_tokens_within(self, seconds: float, num_seqs: int, num_fixed_tokens: int, num_context_tokens: int,
                           limit: int) -> int | None:
@@ -87,7 +97,7 @@ class StepTimeModel:
         room = seconds - fixed
         if room <= 0:
             return 0
-        per_token = float(self._coef[2])
+        per_token = float(self._coef[2]) * self.bias
         return limit if per_token <= 0 else min(limit, int(room / per_token))
 
     def prefill_seconds(self, num_prompt_tokens: int, chunk_tokens: int) -> float | None:
@@ -106,6 +116,9 @@ class StepTimeModel:
         y = np.array([s for _, s in self._samples])  # [num_samples]
         self._coef = non_negative_least_squares(x, y)
         self._since_fit = 0
+        fitted = x[-BIAS_WINDOW:] @ self._coef
+        recent = y[-BIAS_WINDOW:][fitted > 0] / fitted[fitted > 0]
+        self._bias = min(MAX_BIAS, max(1.0, float(recent.mean()))) if recent.size else 1.0
 
 
 def non_negative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -83,6 +83,16 @@ def test_step_model_fits_a_known_linear_cost():
     assert model.predict(StepShape(4, 100, 2048)) == pytest.approx(float(np.dot(true, [1, 4, 100, 2])))
 
 
+def test_predictions_follow_steps_that_run_longer_than_the_fit():
+    model = StepTimeModel()
+    for n in range(1, 33):
+        model.observe(StepShape(n, n), 0.010 + 0.001 * n)
+    assert model.bias == pytest.approx(1.0)
+    for _ in range(64):  # the host got busy: every step takes half as long again
+        model.observe(StepShape(4, 4), 1.5 * (0.010 + 0.004))
+    assert model.predict(StepShape(4, 4)) == pytest.approx(1.5 * 0.014, rel=0.02)
+
+
 def test_non_negative_least_squares_never_returns_a_negative_cost():
     x = np.array([[1.0, n, n] for n in range(1, 20)])
     y = 0.01 + 0.002 * x[:, 1] - 0.0005 * x[:, 2]  # collinear terms with a negative one

@@ -40,6 +40,7 @@ def native_format(source) -> WeightFormat | None:
                        if ".layers." in name and name.endswith("_proj.weight")}
         is_int4 = bool(layer_types) and all(gguf_runtime_kernel(kind) == "int4" for kind in layer_types)
         return mixed_format(f"gguf({bits:.2f}b)", bits, "int4" if is_int4 else "int8")
-    dtype = getattr(source, "config", {}).get("torch_dtype")  # an HFDirectory
+    config = getattr(source, "config", None)  # an HFDirectory's config.json (other sources hold a ModelConfig)
+    dtype = config.get("torch_dtype") if isinstance(config, dict) else None
     # a config's torch_dtype may be anything JSON holds (a list, an object): only a known name counts
     return get_weight_format(HF_TORCH_DTYPES[dtype]) if isinstance(dtype, str) and dtype in HF_TORCH_DTYPES else None

@@ -159,7 +159,7 @@ def roofline_full_logits(model, token_ids: list[int], block_size: int = 16) -> t
 
     cfg = model.config
     T = len(token_ids)
-    shape = (math.ceil(T / block_size), block_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_kv_heads, math.ceil(T / block_size), block_size, cfg.head_dim)
     kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
     # positional: slot mapping, no decode tokens (no decode table, no mask), one prefill with nothing cached
     meta = AttentionMetadata(torch.arange(T), 0, None, None, prefills=[PrefillChunk(0, T, T, None, None)])

@@ -114,7 +114,7 @@ def _attention_inputs(num_seqs: int, context: int, num_new: int, heads: int, kv_
     their block tables [num_seqs, blocks per sequence], and new q/k/v for num_new tokens per sequence."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = CACHE_SPREAD * num_seqs * blocks_per_seq
-    shape = (num_blocks, BLOCK_SIZE, kv_heads, PROBE_HEAD_DIM)
+    shape = (kv_heads, num_blocks, BLOCK_SIZE, PROBE_HEAD_DIM)  # the engine's head-major layout
     caches = [(torch.full(shape, 0.01, dtype=dtype, device=device), torch.full(shape, 0.01, dtype=dtype, device=device))
               for _ in range(PROBE_LAYERS)]
     picked = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))[: num_seqs * blocks_per_seq]

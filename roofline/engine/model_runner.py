@@ -205,13 +205,14 @@ class ModelRunner:
         c = self.model_config
         slot = quant.kv_slot_size(c.head_dim, self.kv_dtype)
         # one block more than the scheduler hands out: the scratch block padding rows of static steps write to
-        shape = (num_blocks + 1, block_size, c.num_kv_heads, slot)
+        # head-major (layers/attention.py): a gathered context is contiguous per head
+        shape = (c.num_kv_heads, num_blocks + 1, block_size, slot)
         # zeros, not empty: attention reads whole blocks and masks the unwritten tail of the last one (and
         # padding blocks), but a masked NaN still poisons softmax(QK^T)V, and uninitialised memory (reused
         # heap or allocator cache) does hold NaN bit patterns. Swap space too: swap-in copies whole blocks.
         self.kv_caches = [(_zeros(shape, self.kv_dtype, self.device), _zeros(shape, self.kv_dtype, self.device))
                           for _ in range(c.num_layers)]
-        swap_shape = (num_swap_blocks, block_size, c.num_kv_heads, slot)
+        swap_shape = (c.num_kv_heads, num_swap_blocks, block_size, slot)
         pin = self.device.type == "cuda"
         self.swap_caches = [(_zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin),
                              _zeros(swap_shape, self.kv_dtype, torch.device("cpu"), pin))
@@ -262,19 +263,19 @@ class ModelRunner:
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         for src, dst in out.block_copies:
-            for k, v in self.kv_caches:
-                k[dst].copy_(k[src])
-                v[dst].copy_(v[src])
+            for k, v in self.kv_caches:  # [KVH, blocks, block_size, D']: blocks are dimension 1
+                k[:, dst].copy_(k[:, src])
+                v[:, dst].copy_(v[:, src])
         if out.swap_out:
             dev, cpu = (torch.tensor(x) for x in zip(*out.swap_out))
             for (k, v), (sk, sv) in zip(self.kv_caches, self.swap_caches):
-                sk[cpu] = k[dev.to(self.device)].cpu()
-                sv[cpu] = v[dev.to(self.device)].cpu()
+                sk[:, cpu] = k[:, dev.to(self.device)].cpu()
+                sv[:, cpu] = v[:, dev.to(self.device)].cpu()
         if out.swap_in:
             cpu, dev = (torch.tensor(x) for x in zip(*out.swap_in))
             for (k, v), (sk, sv) in zip(self.kv_caches, self.swap_caches):
-                k[dev.to(self.device)] = sk[cpu].to(self.device)
-                v[dev.to(self.device)] = sv[cpu].to(self.device)
+                k[:, dev.to(self.device)] = sk[:, cpu].to(self.device)
+                v[:, dev.to(self.device)] = sv[:, cpu].to(self.device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

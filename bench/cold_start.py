@@ -65,13 +65,17 @@ def _child(argv: list[str]) -> None:
     mark("start")
     if os.environ.get(PAUSE_GC_ENV) == "1":
         # as main() does for these commands before anything imports torch (its own call then finds the
-        # collector off and leaves it so; _make_llm turns it back on and freezes the start-up's objects)
+        # collector off and leaves it so; make_llm turns it back on and freezes the start-up's objects)
         import gc
 
-        import roofline.cli as cli
+        import importlib.util
 
+        if importlib.util.find_spec("roofline.engine_args") is not None:  # where the flag lives since 2026-12-04
+            import roofline.engine_args as state
+        else:
+            import roofline.cli as state
         gc.disable()
-        cli._gc_paused = True
+        state._gc_paused = True
     import torch  # noqa: F401 - timed on its own
 
     mark("torch")

@@ -304,7 +304,7 @@ def main() -> int:
     rates = [float(r) for r in args.rates.split(",")]
 
     from roofline.loaders import open_model, resolve_model_path
-    from roofline.server.commands import served_model_name
+    from roofline.engine_args import served_model_name
 
     path = resolve_model_path(args.model)
     tokenizer = open_model(args.model).tokenizer()

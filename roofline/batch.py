@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from roofline import engine_args
+from roofline.engine_args import add_engine_args, served_model_name
 from roofline.errors import ContextOverflowError, InvalidRequestError, RooflineError
-from roofline.outputs import CompletionOutput, RequestOutput
+from roofline.openai.chat import ChatTask, chat_response, plan_chat
+from roofline.openai.completions import CompletionTask, completion_response, plan_completion
+from roofline.openai.errors import APIError
+from roofline.openai.sampling import new_id, now
+from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
-from roofline.server.chat import chat_token_logprob
 from roofline.server.config import ServerConfig
-from roofline.server.errors import APIError
-from roofline.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                                      ChatResponseMessage, CompletionChoice, CompletionLogprobs,
-                                      CompletionRequest, CompletionResponse)
-from roofline.server.sampling import check_request, finite_logprob, sampling_params, usage
+from roofline.server.protocol import ChatCompletionRequest, CompletionRequest
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 DUPLICATE = "duplicate_custom_id"  # the error code of a line reusing an earlier line's custom_id
@@ -54,26 +55,42 @@ class LineError(Exception):
 
 @dataclass
 class BatchRequest:
-    """One input line, validated and turned into engine prompts."""
+    """One input line, validated and turned into engine prompts by the shared translation (roofline/openai/)."""
 
     custom_id: str
     url: str
-    request: CompletionRequest | ChatCompletionRequest
-    prompts: list[str | list[int]]
-    params: SamplingParams
-    is_echo_only: bool = False  # /v1/completions with max_tokens=0 and echo: report the prompt only
+    task: CompletionTask | ChatTask
     engine_ids: list[str] = field(default_factory=list)
     outputs: dict[int, RequestOutput] = field(default_factory=dict)  # prompt index -> final output
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """What the engine runs for this line: a completion's prompts, a chat's rendered prompt."""
+        return self.task.prompts if isinstance(self.task, CompletionTask) else [self.task.prompt_ids]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.task.params
 
     @property
     def num_sequences(self) -> int:
         """Sequences this line puts in the engine."""
         return len(self.prompts) * self.params.n
 
+    def response_body(self, model: str, tokenizer) -> dict:
+        """The response body the server would return for this line, once every output finished."""
+        response_id, created = new_id("cmpl" if isinstance(self.task, CompletionTask) else "chatcmpl"), now()
+        if isinstance(self.task, CompletionTask):
+            outputs = [self.outputs[i] for i in range(len(self.prompts))]
+            body = completion_response(self.task, outputs, response_id, created, model, tokenizer)
+        else:
+            body = chat_response(self.task, self.outputs[0], response_id, created, model, tokenizer)
+        return body.model_dump(mode="json")
+
 
 # --- parsing: line -> BatchRequest ------------------------------------------------------------------------
 
-def parse_line(text: str, tokenizer) -> BatchRequest:
+def parse_line(text: str, tokenizer, max_model_len: int) -> BatchRequest:
     """Validate one request line; raises LineError with an OpenAI-style code."""
     try:
         record = json.loads(text)
@@ -85,12 +102,16 @@ def parse_line(text: str, tokenizer) -> BatchRequest:
     if not isinstance(custom_id, str) or not custom_id:
         raise LineError("missing_custom_id", "custom_id must be a non-empty string")
     try:
-        return _parse_request(custom_id, record, tokenizer)
+        return _parse_request(custom_id, record, tokenizer, max_model_len)
     except LineError as exc:
         raise LineError(exc.code, exc.message, custom_id) from None
 
 
-def _parse_request(custom_id: str, record: dict, tokenizer) -> BatchRequest:
+# the server's request limits, with room for a batch line's many prompts
+_CHECKS = ServerConfig(model_name="batch", max_choices=128)
+
+
+def _parse_request(custom_id: str, record: dict, tokenizer, max_model_len: int) -> BatchRequest:
     method, url, body = record.get("method", "POST"), record.get("url"), record.get("body")
     if str(method).upper() != "POST":
         raise LineError("invalid_method", f"method must be POST, got {method!r}")
@@ -107,125 +128,16 @@ def _parse_request(custom_id: str, record: dict, tokenizer) -> BatchRequest:
         raise LineError("invalid_value", f"body.{where}: {first['msg']}") from None
     req.model = None  # every line runs on the job's model, whatever it names
     try:
-        return _plan_completion(custom_id, req) if url == "/v1/completions" else _plan_chat(custom_id, req,
-                                                                                            tokenizer)
+        if url == "/v1/completions":
+            task = plan_completion(req, _CHECKS)
+        else:
+            task = plan_chat(req, _CHECKS, tokenizer, max_model_len)
     except APIError as exc:
         raise LineError(exc.code or "invalid_request", exc.message) from None
-    except InvalidRequestError as exc:
-        raise LineError("invalid_value", str(exc)) from None
+    return BatchRequest(custom_id, url, task)
 
 
-_CHECKS = ServerConfig(model_name="batch", max_choices=128)
-
-
-def _plan_completion(custom_id: str, req: CompletionRequest) -> BatchRequest:
-    p = req.prompt
-    prompts = [p] if isinstance(p, str) else [list(p)] if p and isinstance(p[0], int) else list(p)
-    if not prompts:
-        raise LineError("invalid_value", "prompt must not be empty")
-    check_request(req, len(prompts), _CHECKS, has_logprobs=req.logprobs is not None)
-    if req.suffix or (req.best_of is not None and req.best_of != req.n):
-        raise LineError("unsupported_parameter", "suffix and best_of (other than n) are not supported")
-    is_echo_only = req.max_tokens == 0
-    if is_echo_only and not req.echo:
-        raise LineError("invalid_value", "max_tokens must be >= 1 (0 is allowed only with echo=true)")
-    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-    params = sampling_params(req, 1 if is_echo_only else req.max_tokens, req.logprobs, prompt_logprobs)
-    return BatchRequest(custom_id, "/v1/completions", req, prompts, params, is_echo_only)
-
-
-def _plan_chat(custom_id: str, req: ChatCompletionRequest, tokenizer) -> BatchRequest:
-    check_request(req, 1, _CHECKS, has_logprobs=req.logprobs)
-    if req.tools or req.functions or req.tool_choice not in (None, "none", "auto"):
-        raise LineError("unsupported_parameter", "tools and function calling are not supported")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise LineError("unsupported_parameter", "only response_format {\"type\": \"text\"} is supported")
-    conversation = []
-    for i, msg in enumerate(req.messages):
-        if msg.role in ("tool", "function"):
-            raise LineError("unsupported_parameter", f"messages[{i}] has role {msg.role!r}; tools are not supported")
-        if isinstance(msg.content, list):
-            if any(part.type != "text" or part.text is None for part in msg.content):
-                raise LineError("unsupported_content", f"messages[{i}]: only text content parts are supported")
-            content = "\n".join(part.text for part in msg.content)
-        elif msg.content is None and msg.role != "assistant":
-            raise LineError("invalid_value", f"messages[{i}] has no content")
-        else:
-            content = msg.content or ""
-        conversation.append({"role": "system" if msg.role == "developer" else msg.role, "content": content})
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, logprobs)
-    return BatchRequest(custom_id, "/v1/chat/completions", req, [prompt_ids], params)
-
-
-# --- responses: finished outputs -> OpenAI bodies and batch records --------------------------------------
-
-def _token_text(entry: dict | None, tid: int, token_text) -> str:
-    chosen = entry.get(tid) if entry else None
-    return chosen.decoded_token if chosen and chosen.decoded_token is not None else token_text(tid)
-
-
-def _completion_logprobs(req: CompletionRequest, out: RequestOutput, c: CompletionOutput, is_echo_only: bool,
-                         token_text) -> CompletionLogprobs:
-    lp = CompletionLogprobs(processed_token_logprobs=[] if req.processed_logprobs else None)
-    rows = []
-    if req.echo:
-        entries = out.prompt_logprobs or []
-        rows += [(tid, entries[k] if k < len(entries) else None) for k, tid in enumerate(out.prompt_token_ids)]
-    if not is_echo_only:
-        rows += list(zip(c.token_ids, c.logprobs or []))
-    offset = 0
-    for tid, entry in rows:
-        chosen = entry.get(tid) if entry else None
-        text = _token_text(entry, tid, token_text)
-        lp.tokens.append(text)
-        lp.token_logprobs.append(finite_logprob(chosen.logprob) if chosen else None)
-        lp.top_logprobs.append(None if entry is None else {
-            (e.decoded_token or ""): finite_logprob(e.logprob) for e in sorted(entry.values(), key=lambda e: e.rank)})
-        lp.text_offset.append(offset)
-        if lp.processed_token_logprobs is not None:
-            lp.processed_token_logprobs.append(finite_logprob(chosen.processed_logprob) if chosen else None)
-        offset += len(text)
-    return lp
-
-
-def completion_body(job: BatchRequest, model: str, tokenizer) -> dict:
-    """The /v1/completions response body of a finished line."""
-    req = job.request
-    outputs = [job.outputs[i] for i in range(len(job.prompts))]
-    choices = []
-    for i, out in enumerate(outputs):
-        prompt = job.prompts[i]
-        echo = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=False)) \
-            if req.echo else ""
-        for c in out.outputs:
-            logprobs = None if req.logprobs is None else _completion_logprobs(req, out, c, job.is_echo_only,
-                                                                               tokenizer.token_text)
-            text = echo + ("" if job.is_echo_only else c.text)
-            choices.append(CompletionChoice(index=i * req.n + c.index, text=text, logprobs=logprobs,
-                                            finish_reason=c.finish_reason))
-    body = CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model, choices=choices,
-                              usage=usage(outputs, count_completion=not job.is_echo_only))
-    return body.model_dump(mode="json")
-
-
-def chat_body(job: BatchRequest, model: str, tokenizer) -> dict:
-    """The /v1/chat/completions response body of a finished line."""
-    req, out = job.request, job.outputs[0]
-    choices = []
-    for c in out.outputs:
-        logprobs = None
-        if req.logprobs:
-            logprobs = ChatLogprobs(content=[chat_token_logprob(tid, entry, req.top_logprobs or 0, tokenizer.token_text)
-                                             for tid, entry in zip(c.token_ids, c.logprobs or [])])
-        choices.append(ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
-                                  finish_reason=c.finish_reason))
-    body = ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model,
-                                  choices=choices, usage=usage([out]))
-    return body.model_dump(mode="json")
-
+# --- records ---------------------------------------------------------------------------------------------
 
 def output_record(custom_id: str, request_id: str, body: dict) -> dict:
     """A successful batch output line."""
@@ -332,14 +244,14 @@ class BatchJob:
         if number in done_lines:
             return self._skip()
         try:
-            job = parse_line(text, self.engine.tokenizer)
+            job = parse_line(text, self.engine.tokenizer, self.engine.max_model_len)
         except LineError as exc:
             if exc.custom_id is None or self._claim(exc.custom_id, number, done_ids, seen):
                 self._write(error_record(exc.custom_id, exc.code, f"line {number}: {exc.message}"), ok=False)
             return None
         if not self._claim(job.custom_id, number, done_ids, seen):
             return None
-        priority = job.request.priority
+        priority = job.task.request.priority
         try:
             for prompt in job.prompts:
                 rid = f"batch-{self._next_id}"
@@ -377,8 +289,7 @@ class BatchJob:
             job.outputs[job.engine_ids.index(out.request_id)] = out
             if len(job.outputs) == len(job.prompts):
                 self.num_sequences -= job.num_sequences
-                build = completion_body if job.url == "/v1/completions" else chat_body
-                body = build(job, self.model_name, self.engine.tokenizer)
+                body = job.response_body(self.model_name, self.engine.tokenizer)
                 self._write(output_record(job.custom_id, job.engine_ids[0], body), ok=True)
 
     def _write(self, record: dict, ok: bool) -> None:
@@ -406,16 +317,13 @@ def _count_lines(path: str) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Run the job; error records do not change the exit status."""
-    from roofline.cli import _make_llm
-    from roofline.server.commands import served_model_name
-
     if not os.path.isfile(args.input):
         raise BatchFileError(f"input file {args.input!r} not found")
     if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
         raise BatchFileError("OUTPUT must not be the INPUT file")
     if os.path.isdir(args.output):
         raise BatchFileError(f"output {args.output!r} is a directory; give a file path")
-    llm = _make_llm(args)
+    llm = engine_args.make_llm(args)
     engine = llm.engine
     window = args.window or 2 * engine.config.scheduler.max_num_seqs
     done_ids, done_lines = answered(args.output)
@@ -450,13 +358,11 @@ def _positive(text: str) -> int:
 
 def add_batch_parser(subparsers) -> None:
     """Register `roofline batch`."""
-    from roofline.cli import _add_engine_args
-
     p = subparsers.add_parser("batch", help="run an OpenAI Batch API file offline (JSONL in, JSONL out)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="INPUT.jsonl", help="request lines: custom_id, method, url, body")
     p.add_argument("output", metavar="OUTPUT.jsonl", help="output lines are appended; ids already there are skipped")
-    _add_engine_args(p)
+    add_engine_args(p)
     p.add_argument("--window", type=_positive, default=None,
                    help="sequences in the engine at once (default: 2 x max_num_seqs); bounds memory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -3,61 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import sys
 
-from roofline import __version__
+from roofline import __version__, engine_args
+from roofline.engine_args import add_engine_args
 from roofline.errors import InvalidRequestError, RooflineError
 
 EXIT_USAGE = 2
 CHAT_COMMANDS = "/exit to quit, /reset to clear the history"
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default', a Hugging Face directory or a .gguf file")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: $ROOFLINE_NUM_THREADS, $OMP_NUM_THREADS, or all cores)")
-    p.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
-                   help="KV cache budget, e.g. 512MiB or 2GiB (default: a share of free memory)")
-    p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weights: auto (a GGUF file's own precision, a float checkpoint as is), none, int8, int4")
-    p.add_argument("--quantization-group-size", type=int, default=32, choices=[32, 64, 128],
-                   help="int4: input values per scale/zero pair")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto: the model dtype; int8: a quarter of fp32's KV memory, a scale per token and head")
-    p.add_argument("--kernels", default="auto",
-                   help="low-bit matmul kernels: auto (measured on this machine, cached), default (built-in rule), "
-                        "or a kernel name from `roofline kernels`")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step for each batch bucket at start-up (about a minute per bucket "
-                        "on 2 cores; faster steps afterwards)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="never compile (the default unless --compile; wins over --compile)")
-    p.add_argument("--kernel-accuracy", default="bf16", choices=["exact", "bf16", "int8"],
-                   help="loosest activation rounding a kernel may use (the output head is always exact unless int8)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="tokens in one step, prompt chunks and decodes together (default 512)")
-    p.add_argument("--max-decode-stall-ms", type=_stall_ms, default=250.0,
-                   help="while sequences decode, cut prompt chunks so a step takes about this long (default 250; "
-                        "'none': whole-budget chunks)")
-    p.add_argument("--scheduling", default="slo", choices=["fifo", "priority", "slo"],
-                   help="fifo: arrival order; priority: (priority, arrival); slo (default): priority, fair shares "
-                        "across tenants, and latency targets (docs/scheduling.md)")
-    p.add_argument("--memory-limit", type=_parse_bytes, default=None,
-                   help="memory for weights, KV cache and activations, e.g. 600MB; layers that do not fit are "
-                        "streamed from host RAM or disk (docs/offload.md)")
-    p.add_argument("--offload", default="auto",
-                   help="auto (the planner's placement within --memory-limit), none, or a placement "
-                        "w=DEVICE/HOST/DISK[,kv=DEVICE/HOST] in percent, e.g. w=20/80/0,kv=100/0")
-    p.add_argument("--offload-dir", default=None,
-                   help="where off-device layers are written (default: a temporary directory, removed at exit)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,54 +22,6 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None,
                    help="per-request sampling seed (reproducible output)")
-
-
-def _parse_bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    t = text.strip().lower()
-    num = t.rstrip("abgikm")
-    unit = t[len(num):]
-    try:
-        value = float(num) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return int(value)
-
-
-def _stall_ms(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds or 'none': {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of milliseconds, got {text!r}")
-    return value
-
-
-def _make_llm(args: argparse.Namespace):
-    if sys.stderr.isatty():  # importing torch and opening the model take seconds before the progress bar shows
-        print(f"roofline: loading {args.model} ...", file=sys.stderr, flush=True)
-    from roofline.llm import LLM
-
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              seed=args.seed, num_threads=args.threads, kv_cache_memory=args.kv_cache_memory,
-              quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-              kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels, kernel_accuracy=args.kernel_accuracy,
-              compile=args.compile, enforce_eager=args.enforce_eager, show_progress=sys.stderr.isatty(),
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_decode_stall_ms=args.max_decode_stall_ms, scheduling=args.scheduling,
-              tenant_weights=getattr(args, "tenant_weights", None),
-              memory_limit=getattr(args, "memory_limit", None), offload=getattr(args, "offload", "auto"),
-              offload_dir=getattr(args, "offload_dir", None))
-    _resume_gc()  # the model is loaded: what is made from now on is mostly short-lived
-    plan = llm.engine.runner.offload_plan
-    if plan is not None:  # the placement and the rate the planner predicts for it, at start-up (docs/offload.md)
-        print(f"roofline: {plan.describe()}", file=sys.stderr, flush=True)
-    return llm
 
 
 # chat-request field -> the argument that sets it; the chat route's limits are the CLI's (max_tokens >= 1)
@@ -148,7 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from roofline.engine.profiler import check_trace_path, chrome_trace
 
     trace_path = check_trace_path(args.profile) if args.profile else None  # a bad path fails before the model loads
-    llm = _make_llm(args)
+    llm = engine_args.make_llm(args)
     with chrome_trace(trace_path):
         if args.chat:
             out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -182,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat; tokens stream to the terminal; /exit quits, /reset clears the history."""
     params = _sampling(args)  # bad flags fail before the model loads, not on every turn
-    llm = _make_llm(args)
+    llm = engine_args.make_llm(args)
     engine = llm.engine
     history: list[dict[str, str]] = []
     if args.system:
@@ -238,7 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_kernels(args: argparse.Namespace) -> int:
     """Load the model, measure (or read from the cache) its low-bit kernels and print what was chosen."""
-    llm = _make_llm(args)
+    llm = engine_args.make_llm(args)
     report = llm.engine.runner.kernel_report
     if report is None or not report.shapes:
         print(f"no low-bit layers to choose kernels for (quantization {args.quantization}, kernels {args.kernels})")
@@ -255,7 +162,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -266,13 +173,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with streamed replies")
-    _add_engine_args(chat)
+    add_engine_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
 
     kern = sub.add_parser("kernels", help="show the matmul kernels measured and chosen on this machine")
-    _add_engine_args(kern)
+    add_engine_args(kern)
     kern.set_defaults(func=cmd_kernels)
 
     if command not in _BUILTIN_COMMANDS:  # their imports (FastAPI, the server, the planner) cost ~0.3 s
@@ -290,57 +197,21 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def _optional_commands():
-    """Subcommands that live in their own packages."""
-    registrars = []
-    try:
-        from roofline.planner.commands import add_calibrate_parser, add_plan_parser
+    """Subcommands that live in their own packages (imported only when one of them may run)."""
+    from roofline.batch import add_batch_parser
+    from roofline.planner.commands import add_calibrate_parser, add_plan_parser
+    from roofline.server.commands import add_serve_parser
 
-        registrars += [add_plan_parser, add_calibrate_parser]
-    except ImportError:
-        pass
-    try:
-        from roofline.batch import add_batch_parser
-
-        registrars.append(add_batch_parser)
-    except ImportError:
-        pass
-    try:
-        from roofline.server.commands import add_serve_parser
-
-        registrars.append(add_serve_parser)
-    except ImportError:
-        pass
-    return registrars
-
-
-_gc_paused = False  # whether _pause_gc_for_start_up turned the collector off
+    return [add_plan_parser, add_calibrate_parser, add_batch_parser, add_serve_parser]
 
 
 def _pause_gc_for_start_up(args: argparse.Namespace) -> None:
-    """Turn the cyclic collector off until the model is loaded, for commands that load one at once.
-
-    Start-up makes ~200k long-lived objects (torch's and the engine's modules, the model): the collector
-    would scan them again and again as they are made, ~0.2-0.5 s of every start. Not with --compile:
-    tracing makes cyclic garbage for minutes.
-    """
-    global _gc_paused
+    """Turn the cyclic collector off until the model is loaded, for commands that load one at once (not with
+    --compile: tracing makes cyclic garbage for minutes). See engine_args.pause_gc."""
     loads = args.command in _BUILTIN_COMMANDS or (args.command == "serve" and getattr(args, "backend", "local")
                                                   == "local" and getattr(args, "data_parallel_size", 1) == 1)
-    if loads and not getattr(args, "compile", False) and gc.isenabled():
-        gc.disable()
-        _gc_paused = True
-
-
-def _resume_gc() -> None:
-    """Turn the collector back on if _pause_gc_for_start_up turned it off."""
-    global _gc_paused
-    if _gc_paused:
-        # freeze first: the start-up's objects, all still in the youngest generation, are kept out of every
-        # later collection instead of being scanned in the first steps (the start-up's ~1 MB of garbage
-        # cycles among them, kept for good)
-        gc.freeze()
-        gc.enable()
-        _gc_paused = False
+    if loads and not getattr(args, "compile", False):
+        engine_args.pause_gc()
 
 
 def _is_utf8(text: str) -> bool:
@@ -374,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _resume_gc()  # a command that failed before its model loaded
+        engine_args.resume_gc()  # a command that failed before its model loaded
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import roofline.cli as cli
+from roofline import engine_args
 from roofline.batch import BatchJob, answered, parse_line, read_lines
 from roofline.llm import LLM
 from roofline.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ def assert_idle(llm: LLM) -> None:
 def test_completion_fields_map_to_sampling_params(llm: LLM):
     job = parse_line(json.dumps(completion("a", "Hi", max_tokens=7, temperature=0.5, top_p=0.9, n=2,
                                            stop=["\n", "."], seed=42, logprobs=3, presence_penalty=0.5,
-                                           frequency_penalty=-0.25)), llm.tokenizer)
+                                           frequency_penalty=-0.25)), llm.tokenizer, MAX_MODEL_LEN)
     p = job.params
     assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stop, p.seed, p.logprobs) == (7, 0.5, 0.9, 2, ["\n", "."],
                                                                                        42, 3)
@@ -77,15 +78,16 @@ def test_completion_fields_map_to_sampling_params(llm: LLM):
 
 def test_chat_fields_map_to_sampling_params(llm: LLM):
     line = chat("c", "Hi", max_tokens=9, max_completion_tokens=5, logprobs=True, top_logprobs=2, stop="END", seed=1)
-    job = parse_line(json.dumps(line), llm.tokenizer)
+    job = parse_line(json.dumps(line), llm.tokenizer, MAX_MODEL_LEN)
     assert job.params.max_tokens == 5  # max_completion_tokens wins
     assert (job.params.logprobs, job.params.stop, job.params.seed) == (2, ["END"], 1)
     expected = llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]),
                                     add_special_tokens=False)
     assert job.prompts == [expected]
-    legacy = parse_line(json.dumps(chat("d", "Hi", max_completion_tokens=None, max_tokens=4)), llm.tokenizer)
+    legacy = parse_line(json.dumps(chat("d", "Hi", max_completion_tokens=None, max_tokens=4)), llm.tokenizer,
+                        MAX_MODEL_LEN)
     assert legacy.params.max_tokens == 4
-    assert parse_line(json.dumps(chat("e", "Hi", logprobs=False)), llm.tokenizer).params.logprobs is None
+    assert parse_line(json.dumps(chat("e", "Hi", logprobs=False)), llm.tokenizer, MAX_MODEL_LEN).params.logprobs is None
 
 
 # --- results --------------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def test_bad_lines_become_error_records_and_the_job_goes_on(llm: LLM, tmp_path):
         completion("n0", "Hi", n=0),
         completion("empty", ""),
         completion("long", "word " * 200),
-        chat("tools", "Hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+        chat("tools", "Hi", tools=[{"type": "function", "function": {"name": "not a name"}}]),
         {"custom_id": "nomsg", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
         completion("ok1", "Hello again"),
         completion("ok2", "Goodbye"),
@@ -171,6 +173,31 @@ def test_bad_lines_become_error_records_and_the_job_goes_on(llm: LLM, tmp_path):
     assert "top_p" in messages["topp"] and "n" in messages["n0"]
     assert "context limit" in messages["long"] and "tools" in messages["tools"]
     assert sum(r["custom_id"] is None for r in errors) == 3  # bad JSON, not an object, no custom_id
+    assert_idle(llm)
+
+
+def test_structured_outputs_and_tool_calls_run_as_the_server_runs_them(tmp_path):
+    """The batch job shares the server's translation: a JSON schema holds, a required tool call parses."""
+    pytest.importorskip("xgrammar")
+    llm = LLM("default", kv_cache_memory=24 << 20, max_model_len=320, max_num_seqs=2)  # room for the tools prompt
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+              "additionalProperties": False}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+        "additionalProperties": False}}}
+    lines = [chat("json", "Name a city.", max_completion_tokens=40,
+                  response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}),
+             chat("tool", "Weather in Paris?", max_completion_tokens=60, tools=[weather], tool_choice="required")]
+    summary = run_job(llm, write_input(tmp_path / "in.jsonl", lines), str(tmp_path / "out.jsonl"))
+    assert (summary.num_done, summary.num_errors) == (2, 0)
+    records = by_id(read_records(str(tmp_path / "out.jsonl")))
+    json_choice = records["json"]["response"]["body"]["choices"][0]
+    if json_choice["finish_reason"] == "stop":  # a cut-off (length) answer is a valid prefix, not a document
+        assert set(json.loads(json_choice["message"]["content"])) == {"city"}
+    tool_choice = records["tool"]["response"]["body"]["choices"][0]
+    assert tool_choice["finish_reason"] == "tool_calls"
+    [call] = tool_choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and set(json.loads(call["function"]["arguments"])) == {"city"}
     assert_idle(llm)
 
 
@@ -263,7 +290,7 @@ def test_an_interrupted_job_frees_the_engine(llm: LLM, tmp_path, monkeypatch):
 # --- the command ----------------------------------------------------------------------------------------------
 
 def test_cli_batch_runs_with_a_progress_bar(llm: LLM, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
+    monkeypatch.setattr(engine_args, "make_llm", lambda args: llm)
     input_path = write_input(tmp_path / "in.jsonl", [completion("a", "Hi"), chat("b", "Hello"), "bad"])
     output_path = str(tmp_path / "out.jsonl")
     assert cli.main(["batch", input_path, output_path]) == 0

@@ -103,6 +103,7 @@ def test_non_utf8_argument_is_one_line_error(capsys):
 def test_chat_commands_answer_and_never_reach_the_model(monkeypatch, capsys):
     """/reset says what it did; a mistyped /command is reported, not sent; //text sends "/text"."""
     import roofline.cli as cli
+    from roofline import engine_args
 
     sent = []
 
@@ -122,7 +123,7 @@ def test_chat_commands_answer_and_never_reach_the_model(monkeypatch, capsys):
         tokenizer, engine = Tokenizer(), Engine()
 
     lines = iter(["/reset", "/rest", "/nope with words", "//slash text", "/exit"])
-    monkeypatch.setattr(cli, "_make_llm", lambda args: FakeLLM())
+    monkeypatch.setattr(engine_args, "make_llm", lambda args: FakeLLM())
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat"]) == 0
     err = capsys.readouterr().err

@@ -24,12 +24,12 @@ def test_generate_writes_a_chrome_trace(tmp_path, capsys):
 
 
 def test_a_bad_profile_path_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import roofline.cli
+    from roofline import engine_args
 
     def no_model(args):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(roofline.cli, "_make_llm", no_model)
+    monkeypatch.setattr(engine_args, "make_llm", no_model)
     missing = tmp_path / "no-such-folder" / "trace.json"
     assert main(["generate", "--prompt", "hi", "--profile", str(missing)]) == 2
     err = capsys.readouterr().err.strip()

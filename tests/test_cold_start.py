@@ -22,16 +22,16 @@ DEFERRED = ("torch._dynamo", "torch._inductor", "fastapi", "uvicorn", "starlette
 
 _PROBE = """
 import gc, json, sys
-from roofline import cli
+from roofline import cli, engine_args
 
 seen = []
-make_llm = cli._make_llm
+make_llm = engine_args.make_llm
 def spy(args):
     seen.append(gc.isenabled())
     llm = make_llm(args)
     seen.append(gc.isenabled())
     return llm
-cli._make_llm = spy
+engine_args.make_llm = spy
 sys.argv = ["roofline", *sys.argv[1:]]
 code = cli.main()
 print(json.dumps({"code": code, "loaded": [m for m in %r if m in sys.modules], "gc": seen + [gc.isenabled()],
@@ -111,5 +111,7 @@ def test_the_collector_stays_on_when_main_is_called_in_a_callers_process():
         cli._pause_gc_for_start_up(args)
         assert not gc.isenabled()
     finally:
-        cli._gc_paused = False
+        from roofline import engine_args
+
+        engine_args._gc_paused = False
         gc.enable()

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import roofline.cli as cli
+from roofline import engine_args
 from roofline.errors import ContextOverflowError, InvalidRequestError, ModelLoadError
 from roofline.llm import LLM
 from roofline.sampling_params import SamplingParams
@@ -126,7 +127,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     (["--prompt", "Hi", "--top-p", "1.5"], "--top-p must be less than or equal to 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(llm: LLM, monkeypatch, capsys, extra, message):
-    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)  # the shared engine stands in for loading
+    monkeypatch.setattr(engine_args, "make_llm", lambda args: llm)  # the shared engine stands in for loading
     code, out, err = run_cli(["generate", "--max-tokens", "4", *extra], capsys)
     assert code == 2
     assert out == ""
@@ -140,7 +141,7 @@ def test_cli_unknown_model_exits_2_with_one_line(capsys):
 
 
 def test_cli_generate_prints_the_completion(llm: LLM, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_make_llm", lambda args: llm)
+    monkeypatch.setattr(engine_args, "make_llm", lambda args: llm)
     code, out, err = run_cli(["generate", "--prompt", "The capital of France is", "--max-tokens", "4",
                               "--temperature", "0", "--json"], capsys)
     assert code == 0

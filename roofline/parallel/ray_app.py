@@ -66,15 +66,14 @@ class RooflineReplica:
     """One Ray Serve replica: the single-engine server, called as ASGI for each request."""
 
     def __init__(self, serve_args: list[str], api_keys: tuple[str, ...]) -> None:
-        from roofline.cli import _make_llm
         from roofline.engine.async_engine import AsyncEngine
+        from roofline.engine_args import make_llm, served_model_name
         from roofline.parallel.serve import serve_parser
         from roofline.server.app import create_app
-        from roofline.server.commands import served_model_name
         from roofline.server.config import ServerConfig
 
         args = serve_parser().parse_args(serve_args)
-        self.engine = AsyncEngine(_make_llm(args).engine, max_queue=args.max_queue)
+        self.engine = AsyncEngine(make_llm(args).engine, max_queue=args.max_queue)
         config = ServerConfig(model_name=args.served_model_name or served_model_name(args.model),
                               model_aliases=("default", args.model), api_keys=api_keys,
                               max_body_bytes=args.max_body_size, drain_timeout_s=args.drain_timeout)
@@ -180,7 +179,8 @@ def cmd_serve_ray(args) -> int:
     from roofline.errors import RooflineError
     from roofline.loaders import open_model
     from roofline.parallel.serve import replica_serve_args, serve_parser
-    from roofline.server.commands import bind_port, served_model_name
+    from roofline.engine_args import served_model_name
+    from roofline.server.commands import bind_port
 
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # a local instance keeps to loopback, as every roofline server does; read at import

@@ -70,7 +70,8 @@ def cmd_serve_data_parallel(args: argparse.Namespace) -> int:
     from roofline.parallel.proxy import ReplicaProxy, RouterContext
     from roofline.parallel.replicas import ReplicaLaunch, ReplicaSupervisor
     from roofline.parallel.router import Router
-    from roofline.server.commands import DrainingServer, bind_port, served_model_name
+    from roofline.engine_args import served_model_name
+    from roofline.server.commands import DrainingServer, bind_port
     from roofline.server.config import ServerConfig
 
     num_replicas = args.data_parallel_size

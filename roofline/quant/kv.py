@@ -2,7 +2,7 @@
 
 The scale travels in the same tensor as the values: a cache slot for one head is D int8 values
 followed by the 4 bytes of its fp32 scale, so the cache stays one int8 tensor
-[num_blocks, block_size, num_kv_heads, D + 4] and block copies, swaps and prefix sharing move values
+[num_kv_heads, num_blocks, block_size, D + 4] and block copies, swaps and prefix sharing move values
 and scales together without knowing about either. Memory per token is (D + 4) / (4 D) of fp32:
 0.27x for D = 64.
 """

@@ -15,6 +15,8 @@ from types import FrameType
 
 import uvicorn
 
+from roofline import engine_args
+from roofline.engine_args import served_model_name
 from roofline.errors import RooflineError
 from roofline.server.context import DrainState
 
@@ -72,15 +74,6 @@ class DrainingServer(uvicorn.Server):
                 else:
                     self.should_exit = True
         return await super().on_tick(counter)
-
-
-def served_model_name(model: str) -> str:
-    """The id clients see: the default model's name for "default", else the --model value as given."""
-    if model == "default":
-        from roofline.loaders import DEFAULT_MODEL_FILE
-
-        return DEFAULT_MODEL_FILE.split(".")[0]
-    return model
 
 
 def _is_loopback(host: str) -> bool:
@@ -160,7 +153,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from roofline.parallel.serve import cmd_serve_data_parallel
 
         return cmd_serve_data_parallel(args)
-    from roofline.cli import _make_llm
     from roofline.engine.async_engine import AsyncEngine
     from roofline.server.app import create_app
     from roofline.server.config import ServerConfig
@@ -181,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("listening on %s with no API key: anyone who can reach it may use it "
                        "(set --api-key or $ROOFLINE_API_KEY)", args.host)
     with bind_port(args.host, args.port) as sock:  # before the model loads (slow), so a taken port fails at once
-        llm = _make_llm(args)
+        llm = engine_args.make_llm(args)
         engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
         try:
             app = create_app(engine, config, tracer=tracer, profiling=profiling)
@@ -205,13 +197,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(subparsers) -> None:
     """Register `serve` on the CLI's subparsers."""
-    from roofline.cli import _add_engine_args, _parse_bytes
     from roofline.server.config import DEFAULT_MAX_BODY_BYTES
 
     p = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                               description="Serve the OpenAI-compatible HTTP API (/v1/completions, "
                                           "/v1/chat/completions, /v1/models, /health, /metrics, /openapi.json).")
-    _add_engine_args(p)
+    engine_args.add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--slo-class", action="append", default=[], metavar="NAME=ttft:1s,tpot:100ms,priority:0",
@@ -227,7 +218,7 @@ def add_serve_parser(subparsers) -> None:
                    help="model id in responses (default: the --model value; 'default' -> the model's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM (default 30)")
-    p.add_argument("--max-body-size", type=_parse_bytes, default=DEFAULT_MAX_BODY_BYTES,
+    p.add_argument("--max-body-size", type=engine_args.parse_bytes, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body, e.g. 4MiB (default)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")

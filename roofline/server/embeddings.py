@@ -20,7 +20,7 @@ from roofline.server.context import ServingContext
 from roofline.server.errors import APIError
 from roofline.server.generation import Prompt, engine_error
 from roofline.server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from roofline.server.sampling import check_model, new_id
+from roofline.openai.sampling import check_model, new_id
 from roofline.server.slo import Job
 
 MAX_INPUTS = 2048  # inputs per request, as OpenAI allows

@@ -1,4 +1,4 @@
-"""APIError and the handlers that turn every failure into OpenAI's error JSON with the right status."""
+"""The handlers that turn every failure into OpenAI's error JSON with the right status."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from roofline.openai.errors import APIError
 from roofline.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("roofline.server")
@@ -15,19 +16,6 @@ logger = logging.getLogger("roofline.server")
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
           500: "server_error", 503: "service_unavailable"}
-
-
-class APIError(Exception):
-    """An error to return to the client as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
 
 
 class BodyTooLarge(Exception):

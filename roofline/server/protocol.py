@@ -157,7 +157,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None  # [{"type": "function", "function": {...}}], checked in server/tools.py
+    tools: list[Any] | None = None  # [{"type": "function", "function": {...}}], checked in openai/tools.py
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool | None = None  # "auto" may return several calls; "required" and a named choice one
     functions: list[Any] | None = None

@@ -17,7 +17,7 @@ from roofline.engine.fair_share import DEFAULT_TENANT
 from roofline.errors import ConfigError
 from roofline.sampling_params import SLO
 from roofline.server.auth import bearer_token
-from roofline.server.errors import APIError
+from roofline.openai.errors import APIError
 
 NO_CLASS = "none"  # the metrics label of requests without targets
 CUSTOM_CLASS = "custom"  # the label of requests that bring their own targets and name no class

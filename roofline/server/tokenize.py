@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from roofline.errors import InvalidRequestError
-from roofline.server.chat import conversation_of
+from roofline.openai.chat import conversation_of
 from roofline.server.context import ServingContext
 from roofline.server.errors import APIError
 from roofline.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from roofline.server.sampling import check_model
+from roofline.openai.sampling import check_model
 
 
 async def tokenize(req: TokenizeRequest, ctx: ServingContext) -> TokenizeResponse:

@@ -88,6 +88,7 @@ def test_compiled_decode_gives_eager_tokens_and_logprobs_in_fp32(tiny_model_dirs
 
 def test_every_command_takes_compile_and_enforce_eager(monkeypatch):
     import roofline.cli as cli
+    from roofline import engine_args
     import roofline.llm
 
     seen = {}
@@ -97,8 +98,8 @@ def test_every_command_takes_compile_and_enforce_eager(monkeypatch):
 
     monkeypatch.setattr(roofline.llm, "LLM", fake_llm)
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--compile", "--enforce-eager"])
-    cli._make_llm(args)
+    engine_args.make_llm(args)
     assert seen["compile"] is True and seen["enforce_eager"] is True
     args = cli.build_parser().parse_args(["generate", "--prompt", "hi"])
-    cli._make_llm(args)
+    engine_args.make_llm(args)
     assert seen["compile"] is False and seen["enforce_eager"] is False

@@ -61,7 +61,7 @@ def serve(llm, max_queue: int = 256, app_options: dict | None = None, **config):
     """
     from roofline.engine.async_engine import AsyncEngine
     from roofline.server import ServerConfig, create_app
-    from roofline.server.commands import served_model_name
+    from roofline.engine_args import served_model_name
 
     engine = AsyncEngine(llm.engine, max_queue=max_queue)
     config = ServerConfig(**{"model_name": served_model_name("default"), "api_keys": API_KEYS,

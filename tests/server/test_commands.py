@@ -15,9 +15,11 @@ import httpx
 import pytest
 
 from roofline import cli
+from roofline import engine_args
 from roofline.cli import build_parser
 from roofline.errors import RooflineError
-from roofline.server.commands import bind_port, served_model_name
+from roofline.engine_args import served_model_name
+from roofline.server.commands import bind_port
 
 
 def test_serve_is_registered_with_engine_flags():
@@ -40,7 +42,7 @@ def test_served_model_name():
 
 
 def test_port_in_use_exits_2_before_loading_the_model(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_make_llm", lambda args: pytest.fail("the model loaded although the port is taken"))
+    monkeypatch.setattr(engine_args, "make_llm", lambda args: pytest.fail("the model loaded although the port is taken"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -139,7 +139,7 @@ def test_bad_constraints_are_400(http, fields, code, param):
 
 
 def test_missing_grammar_engine_is_a_400_naming_the_extra(http, monkeypatch):
-    from roofline.server import structured
+    from roofline.openai import structured
 
     monkeypatch.setattr(structured, "grammar_available", lambda: False)
     for route, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "hi"})):

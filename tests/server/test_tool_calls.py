@@ -11,7 +11,7 @@ import pytest
 
 from roofline.loaders.tokenizer import TextTokenizer, TokenizerInfo
 from roofline.server.protocol import ChatMessage
-from roofline.server.tools import ToolCallStream, parse_tool_calls, render_messages
+from roofline.openai.tools import ToolCallStream, parse_tool_calls, render_messages
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",
@@ -193,7 +193,7 @@ def test_bad_tools_are_400(http, fields, param):
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
     from roofline.server.protocol import ChatCompletionRequest
-    from roofline.server.tools import plan_tools
+    from roofline.openai.tools import plan_tools
 
     text = ('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
             '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
@@ -204,7 +204,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 
 
 def test_forced_call_without_the_grammar_engine_is_a_400(http, monkeypatch):
-    from roofline.server import tools
+    from roofline.openai import tools
 
     monkeypatch.setattr(tools, "grammar_available", lambda: False)
     resp = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "required",

@@ -10,9 +10,9 @@ from roofline.errors import InvalidRequestError
 from roofline.outputs import RequestOutput
 from roofline.sampling_params import SamplingParams
 from roofline.server.config import ServerConfig
-from roofline.server.errors import APIError
+from roofline.openai.errors import APIError
 from roofline.server.protocol import LOGPROB_FLOOR, MAX_STOP_STRINGS, SamplingFields, Usage, UsageDetails
-from roofline.server.structured import structured_spec
+from roofline.openai.structured import structured_spec
 
 _SEED_RANGE = 2**63  # torch seeds are 64-bit; the engine adds the sample index for n > 1
 _GREEDY_BELOW = 1e-5  # smaller temperatures overflow the scaled logits; they mean greedy anyway

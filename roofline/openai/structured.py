@@ -11,7 +11,7 @@ from typing import Any
 from roofline.engine.structured import GRAMMAR_MISSING, grammar_available
 from roofline.errors import InvalidRequestError
 from roofline.sampling_params import StructuredSpec
-from roofline.server.errors import APIError
+from roofline.openai.errors import APIError
 from roofline.server.protocol import SamplingFields
 
 _FORMAT_TYPES = ("text", "json_object", "json_schema")

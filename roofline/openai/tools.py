@@ -21,7 +21,7 @@ from typing import Any
 from roofline.engine.structured import GRAMMAR_MISSING, grammar_available
 from roofline.errors import InvalidRequestError
 from roofline.sampling_params import StructuredSpec
-from roofline.server.errors import APIError
+from roofline.openai.errors import APIError
 from roofline.server.protocol import ChatCompletionRequest, ChatMessage
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

@@ -11,7 +11,7 @@ from roofline.config import EngineConfig, ModelConfig
 from roofline.errors import ConfigError
 from roofline.offload.executor import StreamingExecutor
 from roofline.offload.placement import LayerPlacement, Tier, parse_placement
-from roofline.offload.plan import OffloadPlan, plan_offload, runtime_format
+from roofline.offload.plan import OffloadPlan, plan_for_source, plan_offload
 from roofline.offload.store import LayerStore
 
 logger = logging.getLogger("roofline")
@@ -25,11 +25,9 @@ def prepare_offload(model: nn.Module, model_config: ModelConfig, source, config:
     Called after the model is built (its tensors unwritten) and before its weights load. The KV
     budget comes out of the same memory limit: it is written into `config.cache.memory_bytes`.
     """
-    from roofline.planner.model_source import native_format
-
-    fmt = runtime_format(str(dtype).removeprefix("torch."), native_format(source), is_quantized)
-    plan = plan_offload(model_config, fmt, config.offload, device.type == "cuda", config.scheduler.max_model_len,
-                        config.scheduler.max_num_seqs, config.cache.memory_bytes)
+    plan = plan_for_source(source, model_config, config.offload, str(dtype).removeprefix("torch."), is_quantized,
+                           device.type == "cuda", config.scheduler.max_model_len, config.scheduler.max_num_seqs,
+                           config.cache.memory_bytes)
     if plan is None:
         return None, None
     logger.info("%s", plan.describe())

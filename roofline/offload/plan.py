@@ -121,6 +121,17 @@ def plan_offload(model_config: ModelConfig, fmt: WeightFormat, config: OffloadCo
                        _kv_budget(plan.memory, limit, kv_memory), plan.memory, hw.name)
 
 
+def plan_for_source(source, model_config: ModelConfig, config: OffloadConfig, dtype_name: str, is_quantized: bool,
+                    is_cuda: bool, max_model_len: int | None, max_num_seqs: int,
+                    kv_memory: int | None) -> OffloadPlan | None:
+    """What the engine plans for a model source (its metadata only): the one function behind both
+    `roofline generate --memory-limit` (at load) and `roofline plan --memory-limit` (without loading)."""
+    from roofline.planner.model_source import native_format
+
+    fmt = runtime_format(dtype_name, native_format(source), is_quantized)
+    return plan_offload(model_config, fmt, config, is_cuda, max_model_len, max_num_seqs, kv_memory)
+
+
 def predict_placement(model_config: ModelConfig, fmt: WeightFormat, placement: LayerPlacement, memory_limit: int,
                       is_cuda: bool, workload: Workload, batch: int) -> float:
     """The planner's output tok/s for `placement` at `batch` on `workload` (what a benchmark compares with)."""
@@ -140,4 +151,4 @@ def runtime_format(dtype_name: str, native: WeightFormat | None, is_quantized: b
     return get_weight_format({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name])
 
 
-__all__ = ["OffloadPlan", "Tier", "engine_hardware", "plan_offload", "runtime_format"]
+__all__ = ["OffloadPlan", "Tier", "engine_hardware", "plan_for_source", "plan_offload", "runtime_format"]

@@ -12,6 +12,7 @@ from roofline.planner.eager import RuntimeCosts
 from roofline.planner.hardware import HardwareSpec, with_overrides
 from roofline.planner.hardware_source import load_hardware
 from roofline.planner.layout import Workload
+from roofline.planner.model_presets import model_presets
 from roofline.planner.model_source import load_model_spec
 from roofline.planner.model_spec import ModelSpec
 from roofline.planner.profile import default_profile_path, save_profile
@@ -45,6 +46,17 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=DEFAULT_TOP_K, help="plans to show")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="save a roofline chart of the best plan (needs matplotlib)")
+    engine = parser.add_argument_group(
+        "the engine's placement within a memory limit (what `roofline generate/serve --memory-limit` would run; "
+        "needs `default`, an HF directory or a .gguf, and this machine's hardware)")
+    engine.add_argument("--memory-limit", help="bytes for weights, KV cache and activations, e.g. 600MB")
+    engine.add_argument("--offload", default="auto", help="auto (the default), none, or w=DEVICE/HOST/DISK[,kv=...]")
+    engine.add_argument("--max-model-len", type=int, help="context limit, as on generate (default: the model's)")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step, as on generate")
+    engine.add_argument("--kv-cache-memory", help="KV cache budget, as on generate (counts inside the limit)")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
+    engine.add_argument("--device", default="auto", help="auto, cpu or cuda")
     overrides = parser.add_argument_group("hardware overrides (units allowed: 80GB, 3.35TB/s, 312T)")
     overrides.add_argument("--memory", help="device memory")
     overrides.add_argument("--bandwidth", help="device memory bandwidth")
@@ -104,8 +116,69 @@ def workload_from_args(args: argparse.Namespace, spec: ModelSpec) -> Workload:
     return Workload(prompt_len=context - output_len, output_len=output_len)
 
 
+def engine_placement(args: argparse.Namespace) -> dict:
+    """The placement and predicted rate the engine would choose for --model within --memory-limit, from the
+    model's metadata (no weights are read), through the engine's own function (offload.plan_for_source)."""
+    if args.hardware != "local" or any(getattr(args, f) is not None for f in (
+            "memory", "bandwidth", "flops", "interconnect", "host_link", "host_memory", "disk_bandwidth")):
+        raise ConfigError("--memory-limit plans what the engine would run on this machine: leave out --hardware "
+                          "and the hardware overrides (use --memory for a preset's device memory)")
+    if args.model.lower() in model_presets():
+        raise ConfigError(f"--memory-limit needs the model itself (`default`, an HF directory or a .gguf), not the "
+                          f"preset {args.model!r}; for a preset use --memory")
+    from roofline.config import OffloadConfig
+    from roofline.engine.model_runner import resolve_device, resolve_dtype
+    from roofline.loaders import open_model
+    from roofline.offload.plan import plan_for_source
+    from roofline.quant.transform import quantizes
+
+    limit = int(parse_quantity(args.memory_limit, "--memory-limit"))
+    kv_memory = None if args.kv_cache_memory is None else int(parse_quantity(args.kv_cache_memory,
+                                                                             "--kv-cache-memory"))
+    source = open_model(args.model)
+    model_config = source.model_config()
+    device = resolve_device(args.device)
+    dtype_name = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    tensor_types = source.tensor_types() if hasattr(source, "tensor_types") else None
+    plan = plan_for_source(source, model_config, OffloadConfig(memory_limit=limit, offload=args.offload), dtype_name,
+                           quantizes(args.quantization, tensor_types), device.type == "cuda", args.max_model_len,
+                           args.max_num_seqs, kv_memory)
+    memory = plan.memory
+    return {"model": args.model, "memory_limit_bytes": limit, "placement": plan.placement.describe(),
+            "predicted_tok_s": plan.predicted_tok_s, "batch": plan.batch, "hardware": plan.hardware,
+            "kv_cache_budget_bytes": plan.kv_bytes, "start_up_line": f"roofline: {plan.describe()}",
+            "device_memory_bytes": None if memory is None else {
+                "weights_and_buffers": memory.weights, "kv_cache": memory.kv_cache,
+                "activations": memory.activations, "total": memory.total}}
+
+
+def _format_engine_placement(result: dict) -> str:
+    lines = [f"{result['model']} within {format_bytes(result['memory_limit_bytes'])} "
+             f"(hardware {result['hardware']}):",
+             f"  placement   {result['placement']}  (layer weights device/host/disk %, KV device/host %)",
+             f"  predicted   {result['predicted_tok_s']:.2f} tok/s at batch {result['batch']}"]
+    memory = result["device_memory_bytes"]
+    if memory is not None:
+        lines.append(f"  memory      weights + stream buffers {format_bytes(memory['weights_and_buffers'])}, KV cache "
+                     f"{format_bytes(memory['kv_cache'])}, activations {format_bytes(memory['activations'])} "
+                     f"(at batch {result['batch']})")
+    if result["kv_cache_budget_bytes"] is not None:
+        lines.append(f"  KV budget   {format_bytes(result['kv_cache_budget_bytes'])}: what the limit leaves the cache")
+    lines.append(f"  start-up    `roofline generate/serve --model {result['model']} --memory-limit ...` prints: "
+                 f"{result['start_up_line']}")
+    return "\n".join(lines)
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """`roofline plan`: search layouts and print a table (or JSON); 1 when no plan meets the SLO."""
+    if args.memory_limit is not None:
+        try:
+            result = engine_placement(args)
+        except RooflineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        print(json.dumps(result, indent=2) if args.json else _format_engine_placement(result))
+        return EXIT_OK
     try:
         spec = load_model_spec(args.model)
         hw = hardware_from_args(args)

@@ -61,6 +61,13 @@ class QuantPlan:
         return ", ".join(f"{k}: {n} modules" for k, n in sorted(counts.items())) or "none"
 
 
+def quantizes(method: str, tensor_types: dict[str, str] | None) -> bool:
+    """Whether `method` turns a checkpoint with these tensor types low-bit (what plan_quantization does with it,
+    read from metadata alone: `roofline plan --memory-limit` asks it without building the model)."""
+    types = tensor_types or {}
+    return method != "none" and not (method == "auto" and all(t in FLOAT_TYPES for t in types.values()))
+
+
 def plan_quantization(model: nn.Module, method: str, group_size: int = 32,
                       tensor_types: dict[str, str] | None = None) -> QuantPlan:
     """Choose a scheme per Linear / embedding / head.
@@ -76,7 +83,7 @@ def plan_quantization(model: nn.Module, method: str, group_size: int = 32,
         raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     plan = QuantPlan()
     types = tensor_types or {}
-    if method == "none" or (method == "auto" and all(t in FLOAT_TYPES for t in types.values())):
+    if not quantizes(method, types):
         return plan
     sources = _checkpoint_sources(model)  # module path -> checkpoint weight names
     for path, module in model.named_modules():

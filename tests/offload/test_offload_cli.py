@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -43,3 +44,30 @@ def test_what_cannot_run_is_one_line_and_exit_2(tiny_dir, capsys, flags, message
     assert main(_generate(tiny_dir, *flags)) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_plan_with_a_memory_limit_names_the_placement_generate_runs(tiny_dir, capsys, tmp_path):
+    plan = ["plan", tiny_dir, "--memory-limit", "1MB", "--max-model-len", "64", "--max-num-seqs", "8"]
+    assert main([*plan, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["placement"] == "w25/0/75 kv100/0" and planned["predicted_tok_s"] > 0
+    assert main(_generate(tiny_dir, "--memory-limit", "1MB", "--offload-dir", str(tmp_path))) == 0
+    assert planned["start_up_line"] in capsys.readouterr().err  # the same placement, batch and predicted rate
+    assert main(plan) == 0
+    table = capsys.readouterr().out
+    assert "placement   w25/0/75 kv100/0" in table and planned["start_up_line"] in table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--memory-limit", "400KB"), "error: the model needs at least 692.74 KB even with every layer"),
+    (("--memory-limit", "1MB", "--hardware", "h100"), "error: --memory-limit plans what the engine would run on"),
+])
+def test_plan_with_a_limit_that_cannot_run_is_one_line_and_exit_2(tiny_dir, capsys, flags, message):
+    assert main(["plan", tiny_dir, "--max-model-len", "64", "--max-num-seqs", "8", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_plan_with_a_limit_refuses_a_preset(capsys):
+    assert main(["plan", "llama-3.1-8b", "--memory-limit", "8GB"]) == 2
+    assert capsys.readouterr().err.startswith("error: --memory-limit needs the model itself")
